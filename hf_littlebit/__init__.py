@@ -1,0 +1,36 @@
+"""hf_littlebit: sub-1-bit binary low-rank quantization for Hugging Face Transformers.
+
+Importing the package registers ``quant_method="littlebit"`` with Transformers::
+
+    import hf_littlebit
+    model = AutoModelForCausalLM.from_pretrained(model_id, quantization_config=hf_littlebit.LittleBitConfig(bpw=0.55))
+"""
+
+from __future__ import annotations
+
+from .config import LittleBitConfig
+from .hub import NotALittleBitModelError, from_pretrained, model_card, push_to_hub, save_pretrained
+from .integration import LittleBitCheckpointError
+from .layer import LittleBitLinear
+from .quantizer import LittleBitHfQuantizer
+from .registration import register
+from .summary import ModelSummary, summary
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LittleBitCheckpointError",
+    "LittleBitConfig",
+    "LittleBitHfQuantizer",
+    "LittleBitLinear",
+    "ModelSummary",
+    "NotALittleBitModelError",
+    "from_pretrained",
+    "model_card",
+    "push_to_hub",
+    "register",
+    "save_pretrained",
+    "summary",
+]
+
+register()

@@ -1,0 +1,176 @@
+"""Glue between a Transformers model and the packed layer: which Linears to convert, with which rank, and how.
+
+Used by the HF quantizer (quantize on load and reload of saved checkpoints); kept free of ``HfQuantizer`` so that
+other entry points (in-place quantization, tools) can share it.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
+from transformers.utils import logging
+
+from .budget import choose_rank
+from .config import LittleBitConfig
+from .factorize import factorize
+from .layer import LittleBitLinear
+
+logger = logging.get_logger(__name__)
+
+_SAFETENSORS_DTYPES = {
+    torch.int32: "I32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+}
+
+
+class LittleBitCheckpointError(ValueError):
+    """A saved littlebit checkpoint does not match its own configuration."""
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    bias: bool
+
+
+def tied_module_names(model: nn.Module) -> set[str]:
+    """Modules whose weight is tied to another tensor (converting them would break the tie)."""
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    keys = set(tied) | set(tied.values())
+    return {k.removesuffix(".weight") for k in keys}
+
+
+def resolve_modules_to_not_convert(model: nn.Module, config: LittleBitConfig, default_skips: list[str]) -> list[str]:
+    """The user's list (or the defaults: LM head, output embedding), always plus tied modules; sorted."""
+    skip = set(default_skips) if config.modules_to_not_convert is None else set(config.modules_to_not_convert)
+    skip |= tied_module_names(model)
+    return sorted(skip)
+
+
+def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], pre_quantized: bool) -> list[LayerPlan]:
+    """Every Linear to convert and its rank.
+
+    From a full-precision model the rank follows from the rule (with warnings where ``min_rank`` or the layer's
+    size bind); from a saved checkpoint the converted set and the ranks are exactly those recorded in the config.
+    """
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    plans = []
+    if pre_quantized:
+        if not config.layer_ranks:
+            raise LittleBitCheckpointError(
+                "this littlebit checkpoint records no layer ranks in its quantization_config; it is corrupt or was "
+                "written by an incompatible tool. Re-quantize the full-precision model."
+            )
+        for name, rank in config.layer_ranks.items():
+            module = linears.get(name)
+            if module is None:
+                raise LittleBitCheckpointError(
+                    f"quantization_config.layer_ranks names {name!r}, which is not an nn.Linear of "
+                    f"{type(model).__name__}; the checkpoint does not belong to this architecture"
+                )
+            plans.append(LayerPlan(name, module.in_features, module.out_features, rank, module.bias is not None))
+        return plans
+
+    floored, capped = [], []
+    for name, module in linears.items():
+        if not should_convert_module(name, skip):
+            continue
+        choice = choose_rank(
+            module.in_features, module.out_features, config.bpw, config.residual,
+            factor=config.rank_factor(name), min_rank=config.min_rank,
+        )
+        if choice.floored:
+            floored.append(name)
+        if choice.capped:
+            capped.append(name)
+        plans.append(LayerPlan(name, module.in_features, module.out_features, choice.rank, module.bias is not None))
+    if floored:
+        logger.warning(
+            f"LittleBit: {len(floored)} layer(s) are too small for bpw={config.bpw} and use min_rank={config.min_rank} "
+            f"instead (their true bpw is higher than the target), e.g. {floored[0]}"
+        )
+    if capped:
+        logger.warning(
+            f"LittleBit: {len(capped)} layer(s) would need a rank above min(in, out) for bpw={config.bpw}; "
+            f"the rank is capped there (fewer bits than the target), e.g. {capped[0]}"
+        )
+    return plans
+
+
+def replace_linears(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig, with_fp_weight: bool) -> None:
+    """Swap each planned ``nn.Linear`` for an empty ``LittleBitLinear`` on the meta device."""
+    for plan in plans:
+        old = model.get_submodule(plan.name)
+        new = LittleBitLinear(
+            plan.in_features, plan.out_features, plan.rank, bias=plan.bias, residual=config.residual,
+            scale_dtype=config.torch_scale_dtype, device="meta",
+            bias_dtype=old.bias.dtype if old.bias is not None else None,
+            with_fp_weight=with_fp_weight, weight_dtype=old.weight.dtype,
+        )
+        new.requires_grad_(False)
+        model.set_submodule(plan.name, new)
+
+
+def layer_seed(seed: int, name: str) -> int:
+    """Per-layer seed: stable across processes (unlike ``hash``)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
+
+
+def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: LittleBitConfig, name: str) -> None:
+    """Factor ``weight`` with the configured method and pack the result into ``module``."""
+    paths = factorize(
+        weight, module.rank, method=config.method, residual=config.residual,
+        seed=layer_seed(config.seed, name), scale_dtype=config.torch_scale_dtype, name=name,
+    )
+    module.set_factors_(paths)
+
+
+def check_checkpoint_tensors(model: nn.Module, checkpoint_files: list[str] | None) -> None:
+    """Refuse a checkpoint whose packed tensors are missing or shaped differently from what its config implies.
+
+    Reads only the safetensors headers, before any weight is loaded, so a mismatch is never zero-filled or
+    re-initialised by the loader.
+    """
+    if not checkpoint_files:
+        return
+    header: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            raise LittleBitCheckpointError(f"littlebit checkpoints are read from safetensors only, got {path}")
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                header[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    problems = []
+    for name, module in model.named_modules():
+        if not isinstance(module, LittleBitLinear):
+            continue
+        for tensor, (shape, dtype) in module.expected_tensors().items():
+            key = f"{name}.{tensor}"
+            if key not in header:
+                problems.append(f"{key}: missing")
+            elif header[key] != (shape, _SAFETENSORS_DTYPES[dtype]):
+                problems.append(f"{key}: found {header[key][1]}{list(header[key][0])}, expected "
+                                f"{_SAFETENSORS_DTYPES[dtype]}{list(shape)}")
+    if problems:
+        shown = "\n  ".join(problems[:10]) + ("\n  ..." if len(problems) > 10 else "")
+        raise LittleBitCheckpointError(
+            f"littlebit checkpoint does not match its quantization_config ({len(problems)} problem(s)):\n  {shown}\n"
+            "The packed tensors and the recorded ranks disagree; the folder is corrupt or was edited. "
+            "Re-save it from the model, or re-quantize the full-precision checkpoint."
+        )
+
+
+def littlebit_layers(model: nn.Module) -> dict[str, LittleBitLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LittleBitLinear)}
+

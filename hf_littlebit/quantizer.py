@@ -1,0 +1,183 @@
+"""``LittleBitHfQuantizer``: the Transformers 5.x hooks (see HF_API.md §2.3–2.4 for when each one runs).
+
+* From a full-precision checkpoint (``pre_quantized=False``): every convertible ``nn.Linear`` is swapped for an empty
+  ``LittleBitLinear`` that still exposes a meta ``weight`` placeholder; each dense weight is routed to
+  :class:`LittleBitQuantizeOp` as it arrives, factorised on its device and packed in place, so two full copies of
+  the model never coexist.
+* From a saved littlebit checkpoint (``pre_quantized=True``): layers are sized from the recorded ranks, the
+  safetensors headers are checked against them, and the packed tensors load by name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+from transformers.utils import logging
+
+from .config import FORMAT_VERSION, LittleBitConfig
+from .integration import (
+    LittleBitCheckpointError,
+    check_checkpoint_tensors,
+    littlebit_layers,
+    plan_conversion,
+    quantize_layer_,
+    replace_linears,
+    resolve_modules_to_not_convert,
+)
+from .layer import LittleBitLinear
+
+logger = logging.get_logger(__name__)
+
+MODEL_TAGS = ["littlebit", "quantized", "binary-factorization"]
+
+
+class LittleBitQuantizeOp(ConversionOps):
+    """Quantize-on-load: receives one dense ``weight`` and packs it into its ``LittleBitLinear``."""
+
+    def __init__(self, quantizer: LittleBitHfQuantizer) -> None:
+        self.hf_quantizer = quantizer
+
+    @torch.no_grad()
+    def convert(
+        self,
+        input_dict: dict[str, Any],
+        model: torch.nn.Module | None = None,
+        full_layer_name: str | None = None,
+        missing_keys: set[str] | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        key, values = next(iter(input_dict.items()))
+        weight = values[0] if isinstance(values, list) else values
+        full_layer_name = full_layer_name or key
+        module, _ = get_module_from_name(model, full_layer_name)
+        layer_name = full_layer_name.removesuffix(".weight")
+        quantize_layer_(module, weight, self.hf_quantizer.quantization_config, layer_name)
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+            for tensor in module.expected_tensors():
+                missing_keys.discard(f"{layer_name}.{tensor}")
+        module._is_hf_initialized = True
+        self.hf_quantizer.advance_progress()
+        return {}
+
+
+class LittleBitHfQuantizer(HfQuantizer):
+    """Transformers quantizer for ``quant_method="littlebit"``."""
+
+    requires_calibration = False
+    quantization_config: LittleBitConfig
+
+    def __init__(self, quantization_config: LittleBitConfig, **kwargs: Any) -> None:
+        super().__init__(quantization_config, **kwargs)
+        self._progress = None
+        self._n_layers = 0
+
+    # -------------------------------------------------------------- environment
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        cfg = self.quantization_config
+        if self.pre_quantized and getattr(cfg, "format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise LittleBitCheckpointError(
+                f"this checkpoint uses littlebit format {cfg.format_version}, newer than this release understands "
+                f"({FORMAT_VERSION}); upgrade hf-littlebit"
+            )
+
+    @property
+    def quantized_element_size(self) -> float:
+        # The fp placeholder disappears on quantization; the packed tensors are declared with their real sizes.
+        return 0.0
+
+    # -------------------------------------------------------------- module swap
+    def _process_model_before_weight_loading(
+        self, model: torch.nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
+    ) -> None:
+        cfg = self.quantization_config
+        default_skips = self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+        if not self.pre_quantized:
+            cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, default_skips)
+        plans = plan_conversion(model, cfg, cfg.modules_to_not_convert or [], self.pre_quantized)
+        if not self.pre_quantized:
+            cfg.layer_ranks = {p.name: p.rank for p in plans}
+        replace_linears(model, plans, cfg, with_fp_weight=not self.pre_quantized)
+        if self.pre_quantized:
+            check_checkpoint_tensors(model, checkpoint_files)
+        self._n_layers = len(plans)
+
+    def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, LittleBitLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> LittleBitQuantizeOp:
+        return LittleBitQuantizeOp(self)
+
+    def advance_progress(self) -> None:
+        """One more layer packed; the bar follows transformers' progress-bar switch."""
+        if self._progress is None:
+            self._progress = logging.tqdm(total=self._n_layers, desc="LittleBit quantizing", unit="layer")
+        self._progress.update(1)
+
+    # -------------------------------------------------------------- after load
+    def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        unfilled = [name for name, layer in littlebit_layers(model).items() if not layer.is_packed]
+        if unfilled:
+            raise LittleBitCheckpointError(
+                f"{len(unfilled)} LittleBit layer(s) received no weights, e.g. {unfilled[0]}; the checkpoint lacks "
+                "their dense weight (quantize on load) or packed tensors (reload)"
+            )
+        for layer in littlebit_layers(model).values():
+            layer.requires_grad_(False)  # the loader wraps loaded floats as trainable Parameters
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(MODEL_TAGS)
+        return model
+
+    # -------------------------------------------------------------- save / flags
+    def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
+        """Refuse to save anything that would not reload, before a single file is written."""
+        cfg = self.quantization_config
+        layers = littlebit_layers(model)
+        for name, layer in layers.items():
+            if not layer.is_packed:
+                raise ValueError(f"cannot save: LittleBit layer {name} holds no packed factors")
+            if cfg.layer_ranks.get(name) != layer.rank:
+                raise ValueError(
+                    f"cannot save: layer {name} has rank {layer.rank} but the config records "
+                    f"{cfg.layer_ranks.get(name)}; the model was modified after quantization"
+                )
+        missing = set(cfg.layer_ranks) - set(layers)
+        if missing:
+            raise ValueError(f"cannot save: config lists LittleBit layers that the model lacks, e.g. {min(missing)}")
+        return None, {"littlebit_format": str(FORMAT_VERSION), "littlebit_method": cfg.method}
+
+    def is_serializable(self, safe_serialization: bool = True) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters (PEFT) train on top of the frozen packed layers.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        return False
+
+    def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ``."""
+        for name, layer in littlebit_layers(model).items():
+            device = layer.h.device
+            out_dtype = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
+            dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                    device=device, dtype=out_dtype)
+            with torch.no_grad():
+                dense.weight.copy_(layer.dequantize_weight(torch.float32))
+                if layer.bias is not None:
+                    dense.bias.copy_(layer.bias)
+            model.set_submodule(name, dense)
+        return model

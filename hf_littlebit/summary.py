@@ -1,0 +1,108 @@
+"""``summary(model)``: per-layer rank and bits, and totals for the converted layers and the whole model."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .budget import paper_bpw
+from .integration import littlebit_layers
+
+
+@dataclass
+class LayerReport:
+    name: str
+    in_features: int
+    out_features: int
+    rank: int
+    paths: int
+    bpw_target: float
+    bpw_paper: float  # the paper's accounting (no padding)
+    bpw_true: float  # signs incl. padding + every scale vector, as stored
+    bytes: int  # packed factors + scales + bias, as stored
+
+
+@dataclass
+class ModelSummary:
+    """Printable report; ``to_dict()`` gives the same numbers for JSON."""
+
+    layers: list[LayerReport] = field(default_factory=list)
+    converted_params: int = 0  # weights of the dense layers that were replaced
+    converted_bytes: int = 0
+    bpw_target: float = 0.0
+    bpw_paper: float = 0.0
+    bpw_true: float = 0.0
+    model_bytes: int = 0  # every parameter and buffer of the model as it is now
+    model_bytes_fp16: int = 0  # the same model with dense fp16 layers and fp16 everything else
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        head = f"{'layer':<48} {'shape':>13} {'rank':>5} {'paths':>5} {'target':>7} {'paper':>7} {'true':>7} {'KiB':>9}"
+        lines = [head, "-" * len(head)]
+        for r in self.layers:
+            shape = f"{r.out_features}x{r.in_features}"
+            lines.append(
+                f"{r.name[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
+                f"{r.bpw_paper:>7.3f} {r.bpw_true:>7.3f} {r.bytes / 1024:>9.1f}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'converted layers (' + str(len(self.layers)) + ')':<48} {self.converted_params:>13,} {'':>5} {'':>5} "
+            f"{self.bpw_target:>7.3f} {self.bpw_paper:>7.3f} {self.bpw_true:>7.3f} {self.converted_bytes / 1024:>9.1f}"
+        )
+        ratio = self.model_bytes_fp16 / self.model_bytes if self.model_bytes else float("nan")
+        lines.append(
+            f"whole model: {self.model_bytes / 2**20:.2f} MiB (dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, "
+            f"{ratio:.1f}x smaller)"
+        )
+        return "\n".join(lines)
+
+
+def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """Ranks, target / paper / true bpw and bytes of every ``LittleBitLinear`` in ``model``, plus totals."""
+    cfg = getattr(getattr(model, "config", None), "quantization_config", None)
+    target = float(getattr(cfg, "bpw", float("nan")))
+    report = ModelSummary(bpw_target=target)
+    packed_ids = set()
+    paper_bits = 0.0
+    stored = 0
+    for name, layer in littlebit_layers(model).items():
+        dense = layer.in_features * layer.out_features
+        bias_bytes = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
+        bits = layer.stored_bits()
+        report.layers.append(
+            LayerReport(
+                name=name, in_features=layer.in_features, out_features=layer.out_features, rank=layer.rank,
+                paths=len(layer.path_prefixes), bpw_target=target,
+                bpw_paper=paper_bpw(layer.in_features, layer.out_features, layer.rank, layer.residual),
+                bpw_true=bits / dense, bytes=bits // 8 + bias_bytes,
+            )
+        )
+        report.converted_params += dense
+        report.converted_bytes += bits // 8 + bias_bytes
+        paper_bits += report.layers[-1].bpw_paper * dense
+        stored += bits
+        packed_ids.update(id(p) for p in layer.parameters())
+        report.model_bytes_fp16 += 2 * (dense + (layer.out_features if layer.bias is not None else 0))
+    if report.converted_params:
+        report.bpw_paper = paper_bits / report.converted_params
+        report.bpw_true = stored / report.converted_params
+    for t in _unique_tensors(model):
+        nbytes = t.numel() * t.element_size()
+        report.model_bytes += nbytes
+        if id(t) not in packed_ids:
+            report.model_bytes_fp16 += 2 * t.numel() if t.is_floating_point() else nbytes
+    return report
