@@ -104,12 +104,16 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(f"LittleBitConfig: seed must be an integer, got {self.seed!r}")
         for pattern, factor in {**self.bpw_multipliers, "kv_factor": self.kv_factor}.items():
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
-                raise ValueError(f"LittleBitConfig: multiplier for {pattern!r} must be a positive number, got {factor!r}")
+                raise ValueError(
+                    f"LittleBitConfig: multiplier for {pattern!r} must be a positive number, got {factor!r}"
+                )
         for pattern in self.bpw_multipliers:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(f"LittleBitConfig: bpw_multipliers pattern {pattern!r} is not a valid regex: {exc}")
+                raise ValueError(
+                    f"LittleBitConfig: bpw_multipliers pattern {pattern!r} is not a valid regex: {exc}"
+                ) from exc
         for name, rank in self.layer_ranks.items():
             if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")

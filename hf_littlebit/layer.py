@@ -123,7 +123,7 @@ class LittleBitLinear(nn.Module):
         """Pack factoriser output into this layer (on the paths' device) and drop the fp placeholder."""
         if len(paths) != len(self.path_prefixes):
             raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
-        for prefix, path in zip(self.path_prefixes, paths):
+        for prefix, path in zip(self.path_prefixes, paths, strict=False):
             if path.u.shape != (self.out_features, self.rank) or path.v.shape != (self.rank, self.in_features):
                 raise ValueError(
                     f"factor shapes {tuple(path.u.shape)} / {tuple(path.v.shape)} do not match the layer "

@@ -35,6 +35,10 @@ logger = logging.get_logger(__name__)
 MODEL_TAGS = ["littlebit", "quantized", "binary-factorization"]
 
 
+class LittleBitQuantizationError(ValueError):
+    """A layer could not be quantized (NaN/Inf weights, scales out of range...)."""
+
+
 class LittleBitQuantizeOp(ConversionOps):
     """Quantize-on-load: receives one dense ``weight`` and packs it into its ``LittleBitLinear``."""
 
@@ -55,7 +59,12 @@ class LittleBitQuantizeOp(ConversionOps):
         full_layer_name = full_layer_name or key
         module, _ = get_module_from_name(model, full_layer_name)
         layer_name = full_layer_name.removesuffix(".weight")
-        quantize_layer_(module, weight, self.hf_quantizer.quantization_config, layer_name)
+        try:
+            quantize_layer_(module, weight, self.hf_quantizer.quantization_config, layer_name)
+        except ValueError as exc:
+            # Transformers would bury this under a generic "issues during automatic conversion" error; keep it and
+            # raise it, naming the layer, once loading is over.
+            self.hf_quantizer.layer_errors[layer_name] = str(exc)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
             for tensor in module.expected_tensors():
@@ -75,6 +84,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         super().__init__(quantization_config, **kwargs)
         self._progress = None
         self._n_layers = 0
+        self.layer_errors: dict[str, str] = {}
 
     # -------------------------------------------------------------- environment
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -126,6 +136,13 @@ class LittleBitHfQuantizer(HfQuantizer):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
+        if self.layer_errors:
+            first = next(iter(self.layer_errors.values()))
+            raise LittleBitQuantizationError(
+                f"LittleBit could not quantize {len(self.layer_errors)} layer(s): {first}"
+                + (f" (and {len(self.layer_errors) - 1} more: {list(self.layer_errors)[1:4]})"
+                   if len(self.layer_errors) > 1 else "")
+            )
         unfilled = [name for name, layer in littlebit_layers(model).items() if not layer.is_packed]
         if unfilled:
             raise LittleBitCheckpointError(

@@ -1,0 +1,63 @@
+import importlib
+import json
+import subprocess
+import sys
+
+import pytest
+from transformers.quantizers import auto as hf_auto
+
+import hf_littlebit
+import hf_littlebit.kernels
+from hf_littlebit.registration import is_registered, register
+
+
+def test_import_registers_littlebit():
+    assert hf_auto.AUTO_QUANTIZER_MAPPING["littlebit"].__name__ == "LittleBitHfQuantizer"
+    assert hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["littlebit"].__name__ == "LittleBitConfig"
+    assert is_registered()
+
+
+def test_register_twice_and_reload_do_not_raise():
+    register()
+    register()
+    importlib.reload(importlib.import_module("hf_littlebit.quantizer"))
+    importlib.reload(importlib.import_module("hf_littlebit.registration"))
+    importlib.reload(hf_littlebit)
+    assert is_registered()
+
+
+def test_a_foreign_littlebit_registration_is_a_clear_error():
+    original = hf_auto.AUTO_QUANTIZER_MAPPING["littlebit"]
+
+    class Impostor:
+        pass
+
+    hf_auto.AUTO_QUANTIZER_MAPPING["littlebit"] = Impostor
+    try:
+        with pytest.raises(RuntimeError, match="already registered by .*Impostor"):
+            register()
+    finally:
+        hf_auto.AUTO_QUANTIZER_MAPPING["littlebit"] = original
+
+
+PROBE = """
+import importlib.util, json, sys
+if sys.argv[1] == "with":
+    import hf_littlebit, hf_littlebit.kernels
+from transformers.utils.import_utils import is_kernels_available
+spec = importlib.util.find_spec("kernels")
+print(json.dumps({"available": is_kernels_available(), "origin": spec.origin if spec else None}))
+"""
+
+
+def test_our_kernels_folder_does_not_shadow_the_hf_kernels_library(tmp_path):
+    results = {}
+    for mode in ("without", "with"):
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=120, check=True)
+        results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results["with"] == results["without"]
+    assert "hf_littlebit" not in str(results["with"]["origin"])
+    assert hf_littlebit.kernels.__name__ == "hf_littlebit.kernels"
+    dist = importlib.metadata.distribution("hf-littlebit")
+    assert not any(str(f).startswith("kernels/") for f in dist.files or [])
