@@ -42,7 +42,8 @@ def edit_config(folder, fn):
 
 def test_rank_mismatch_between_config_and_tensors_is_refused(copy_of):
     edit_config(copy_of, lambda q: q["layer_ranks"].update({"model.layers.0.mlp.up_proj": 16}))
-    with pytest.raises(LittleBitCheckpointError, match=r"model\.layers\.0\.mlp\.up_proj\.l: found F16\[8\], expected F16\[16\]"):
+    expected = r"model\.layers\.0\.mlp\.up_proj\.l: found F16\[8\], expected F16\[16\]"
+    with pytest.raises(LittleBitCheckpointError, match=expected):
         AutoModelForCausalLM.from_pretrained(copy_of)
 
 
