@@ -178,3 +178,16 @@ def test_dequantize_gives_dense_linears_with_the_same_function(fp_checkpoint, to
         model.dequantize()
         assert not hf_littlebit.integration.littlebit_layers(model)
         assert torch.allclose(model(tokens).logits, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_progress_bar_follows_transformers_switch(fp_checkpoint, capsys):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        quantize(fp_checkpoint("llama"), bpw=1.0)
+        assert "LittleBit quantizing" not in capsys.readouterr().err
+    finally:
+        hf_logging.enable_progress_bar()
+    quantize(fp_checkpoint("llama"), bpw=1.0)
+    assert "LittleBit quantizing" in capsys.readouterr().err
