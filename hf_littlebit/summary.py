@@ -36,6 +36,7 @@ class ModelSummary:
     bpw_true: float = 0.0
     model_bytes: int = 0  # every parameter and buffer of the model as it is now
     model_bytes_fp16: int = 0  # the same model with dense fp16 layers and fp16 everything else
+    model_bytes_quantized_fp16: int = 0  # packed layers as stored, every other float tensor at 16 bits
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,5 +105,9 @@ def summary(model: nn.Module) -> ModelSummary:
         nbytes = t.numel() * t.element_size()
         report.model_bytes += nbytes
         if id(t) not in packed_ids:
-            report.model_bytes_fp16 += 2 * t.numel() if t.is_floating_point() else nbytes
+            as16 = 2 * t.numel() if t.is_floating_point() else nbytes
+            report.model_bytes_fp16 += as16
+            report.model_bytes_quantized_fp16 += as16
+        else:
+            report.model_bytes_quantized_fp16 += nbytes
     return report

