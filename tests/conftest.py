@@ -70,3 +70,55 @@ def fp_checkpoint(tmp_path_factory):
 @pytest.fixture
 def tokens():
     return torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
+         "they you were her she there been one all we their has would when if so no will more can out up who said "
+         "about some what its into than them only other new time could these two may first then do any like my now "
+         "over such our man me even most made after also did many before must through back years where much your "
+         "way well down should because each just those people how too little state good very make world still own "
+         "see men work long get here between both life being under never day same another know while last might us "
+         "great old year off come since against go came right used take three").split()
+
+
+def make_tiny_tokenizer():
+    """A word-level fast tokenizer over 127 common words (+[UNK]) that fits the tiny models' vocab of 128."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(WORDS[:127])}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def fake_text(n_words: int, seed: int = 0) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, 127, (n_words,), generator=gen).tolist()
+    return " ".join(WORDS[i] for i in idx)
+
+
+@pytest.fixture(scope="session")
+def fake_cache(tmp_path_factory):
+    """An asset cache holding small prepared corpora (no model, no network)."""
+    import hashlib
+    import json
+
+    cache = tmp_path_factory.mktemp("cache")
+    corpora = cache / "corpora"
+    corpora.mkdir()
+    sums = {}
+    for i, split in enumerate(("train", "validation", "test")):
+        data = fake_text(400, seed=i).encode()
+        (corpora / f"{split}.txt").write_bytes(data)
+        sums[split] = hashlib.sha256(data).hexdigest()
+    (corpora / "manifest.json").write_text(json.dumps(sums))
+    return cache
+
+
+@pytest.fixture(scope="session")
+def tiny_with_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_tok")
+    make_tiny_model("llama").save_pretrained(path)
+    make_tiny_tokenizer().save_pretrained(path)
+    return path

@@ -1,0 +1,69 @@
+"""The `littlebit` command: argument errors, JSON output, info/eval on tiny local models (no network)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hf_littlebit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(["--quiet", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake_cache, tmp_path):
+    out_dir = tmp_path / "q"
+    code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0",
+                         "--eval", "--max-tokens", "128", "--seqlen", "32", "--json", "--out", out_dir)
+    assert code == 0, err
+    result = json.loads(out)
+    for key in ("model", "method", "bpw_target", "bpw_true", "model_bytes_fp", "model_bytes_quantized", "ppl_fp",
+                "ppl_quantized", "eval_tokens", "seconds_quantize"):
+        assert key in result, key
+    assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0 and result["method"] == "littlebit"
+    assert result["model_bytes_quantized"] < result["model_bytes_fp"]
+    assert result["ppl_fp"] > 1 and result["ppl_quantized"] > 1
+    assert (out_dir / "README.md").exists() and (out_dir / "tokenizer.json").exists()
+
+    code, out, err = run(capsys, "info", out_dir)
+    assert code == 0 and "converted layers (14)" in out and "bpw_true" not in err
+    code, out, err = run(capsys, "info", out_dir, "--json")
+    info = json.loads(out)
+    assert info["quantization_config"]["quant_method"] == "littlebit" and len(info["summary"]["layers"]) == 14
+
+    code, out, err = run(capsys, "--cache-dir", fake_cache, "eval", out_dir, "--max-tokens", "128", "--seqlen", "32",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["ppl"] == pytest.approx(result["ppl_quantized"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["quantize", "{fp}", "--bpw", "0", "--out", "{tmp}/a"], "bpw must be a number with 0 < bpw <= 16"),
+        (["quantize", "{fp}", "--bpw", "nan", "--out", "{tmp}/a"], "bpw must be"),
+        (["quantize", "{fp}", "--method", "zip", "--out", "{tmp}/a"], "unknown method 'zip'"),
+        (["quantize", "./no/such/folder"], "no such model folder"),
+        (["info", "{fp}"], "not a littlebit checkpoint"),
+        (["info", "{tmp}"], "no config.json"),
+        (["eval", "./missing-dir"], "no such model folder"),
+    ],
+)
+def test_errors_are_one_line_and_exit_2(capsys, fp_checkpoint, tmp_path, argv, message):
+    argv = [a.format(fp=fp_checkpoint("llama"), tmp=tmp_path) for a in argv]
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("littlebit: error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "a").exists()
+
+
+def test_module_entry_point_and_usage_error():
+    proc = subprocess.run([sys.executable, "-m", "hf_littlebit", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "quantize" in proc.stdout and "fetch-assets" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "hf_littlebit", "quantize", "--bpw", "x"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "invalid float value" in proc.stderr

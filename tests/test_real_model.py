@@ -1,0 +1,40 @@
+"""End to end on the real SmolLM2-135M (slow). Runs when the assets are in the cache (`littlebit fetch-assets`)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from hf_littlebit import assets
+from hf_littlebit.cli import main
+
+pytestmark = pytest.mark.slow
+
+CACHE = assets.default_cache_dir()
+MODEL_DIR = CACHE / "models" / assets.SMOLLM2
+
+
+@pytest.mark.skipif(
+    not (MODEL_DIR / "model.safetensors").exists() or not (CACHE / "corpora" / "manifest.json").exists(),
+    reason=f"real-model assets not in {CACHE}; run `littlebit fetch-assets`",
+)
+def test_smollm2_quantize_eval_save_reload(tmp_path, capsys):
+    assert assets.sha256_file(MODEL_DIR / "model.safetensors") == assets.MODEL_SHA256
+    out_dir = tmp_path / "q"
+    code = main(["--quiet", "quantize", "--bpw", "0.55", "--eval", "--max-tokens", "2048", "--seqlen", "1024",
+                 "--json", "--out", str(out_dir)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    result = json.loads(captured.out)
+    assert result["layers"] == 210
+    assert 15 < result["ppl_fp"] < 30  # SmolLM2 on the Wikipedia test split: ≈ 21
+    assert result["ppl_quantized"] > result["ppl_fp"]  # data-free 0.55 bpw is far from the fp model
+    assert 0.5 < result["bpw_true"] < 0.6
+    assert result["model_bytes_quantized"] < 0.3 * result["model_bytes_fp"]
+
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    again = AutoModelForCausalLM.from_pretrained(out_dir)
+    ids = torch.arange(100, 164).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
