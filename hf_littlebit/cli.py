@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -69,10 +68,14 @@ def resolve_model(name: str | None, cache_dir: str | None) -> str:
 
     if name is None or name.lower() in ("smollm2", SMOLLM2):
         return str(ensure_assets(cache_dir).model_dir)
-    if os.path.sep in name or name.startswith("."):
-        if not Path(name).is_dir():
-            raise CLIError(f"{name}: no such model folder")
-    return name
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise CLIError(f"{name}: not a model folder")
+        return str(local)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise CLIError(f"{name}: no such model folder")
+    return name  # a Hub model id
 
 
 def test_text(cache_dir: str | None) -> str:

@@ -67,3 +67,22 @@ def test_module_entry_point_and_usage_error():
     proc = subprocess.run([sys.executable, "-m", "hf_littlebit", "quantize", "--bpw", "x"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "invalid float value" in proc.stderr
+
+
+def test_lm_eval_adapter_registers_the_plugin_before_the_harness_runs(monkeypatch):
+    import types
+
+    from hf_littlebit import lm_eval_adapter
+    from hf_littlebit.registration import is_registered
+
+    seen = {}
+    fake = types.ModuleType("lm_eval")
+    fake_main = types.ModuleType("lm_eval.__main__")
+    fake_main.cli_evaluate = lambda: seen.setdefault("registered", is_registered())
+    monkeypatch.setitem(sys.modules, "lm_eval", fake)
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", fake_main)
+    lm_eval_adapter.main()
+    assert seen == {"registered": True}
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(ImportError, match="pip install lm-eval"):
+        lm_eval_adapter.main()
