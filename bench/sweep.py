@@ -79,7 +79,14 @@ def main() -> None:
     ap.add_argument("--cache-dir")
     ap.add_argument("--out", default="bench/results/sweep.json")
     ap.add_argument("--plot", default="bench/results/sweep.png")
+    ap.add_argument("--report-only", action="store_true", help="re-print the table and re-draw the plot from --out")
     args = ap.parse_args()
+    if args.report_only:
+        rows = json.loads(Path(args.out).read_text())["rows"]
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+        return
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
@@ -140,8 +147,20 @@ def main() -> None:
         record(f"hqq-{nbits}bit", float(nbits), model, bits, n, time.perf_counter() - t)
         del model
 
+    print(markdown(rows))
     if args.plot:
         plot(rows, Path(args.plot))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | target bpw | true bpw (linear layers) | linear layers MB | perplexity | quantize s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        target = "—" if r["bpw_target"] is None else f"{r['bpw_target']:g}"
+        ppl = f"{r['ppl']:.2f}" if r["ppl"] < 1e4 else f"{r['ppl']:.2e}"
+        lines.append(f"| {r['kind']} | {target} | {r['bpw_true']:.3f} | {r['linear_MB']:.1f} | {ppl} | "
+                     f"{r['seconds_quantize']:.0f} |")
+    return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
