@@ -1,4 +1,4 @@
-"""Relative reconstruction error of Dual-SVID with and without the residual path on synthetic matrices.
+"""Relative reconstruction error of Dual-SVID and Joint-ITQ (± residual path) on synthetic matrices.
 
 usage: python bench/factorize_error.py [--n 1024] [--seed 0]
 Prints a Markdown table (equal storage: the residual variant splits the rank budget between two paths).
@@ -45,16 +45,19 @@ def main() -> None:
         "chan_scaled": channel_scaled(args.n, g),
     }
     print(f"| matrix ({args.n}²) | bpw | rank (no res / res) | true bpw (no res / res) | Dual-SVID "
-          "| Dual-SVID + residual | s |")
-    print("|---|---|---|---|---|---|---|")
+          "| Dual-SVID + residual | Joint-ITQ | Joint-ITQ + residual | s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, w in families.items():
         for bpw in (1.0, 0.55, 0.3, 0.1):
             t = time.perf_counter()
             r1, r2 = paper_rank(args.n, args.n, bpw, False), paper_rank(args.n, args.n, bpw, True)
             e1 = relative_error(w, factorize(w, r1, residual=False))
             e2 = relative_error(w, factorize(w, r2, residual=True))
+            e3 = relative_error(w, factorize(w, r1, method="littlebit2", residual=False))
+            e4 = relative_error(w, factorize(w, r2, method="littlebit2", residual=True))
             tb1, tb2 = true_bpw(args.n, args.n, r1, False), true_bpw(args.n, args.n, r2, True)
-            print(f"| {name} | {bpw} | {r1} / {r2} | {tb1:.3f} / {tb2:.3f} | {e1:.3f} | {e2:.3f} | "
+            errors = " | ".join(f"{e:.3f}" for e in (e1, e2, e3, e4))
+            print(f"| {name} | {bpw} | {r1} / {r2} | {tb1:.3f} / {tb2:.3f} | {errors} | "
                   f"{time.perf_counter() - t:.1f} |")
 
 

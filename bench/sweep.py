@@ -5,6 +5,7 @@ usage: python bench/sweep.py [--bpw 2.0 1.0 0.8 0.55 0.3 0.1] [--max-tokens 8192
 
 Rows (all on the same test tokens, every decoder nn.Linear converted, LM head / embeddings / norms untouched):
 * ``littlebit`` / ``littlebit-nores``: Dual-SVID with / without the residual path (the real packed layer);
+* ``littlebit2``: Joint-ITQ rotation (50 iterations) + Dual-SVID, with the residual path;
 * ``fp16-lowrank``: plain truncated SVD with fp16 factors, per layer the rank whose storage equals the LittleBit
   (residual) layer's true bits at that bpw;
 * ``sign``: per-row-scaled sign binarisation of W (1 bit + one fp16 scale per row);
@@ -117,11 +118,12 @@ def main() -> None:
     del fp
 
     for bpw in args.bpw:
-        for kind, residual in (("littlebit", True), ("littlebit-nores", False)):
+        for kind, method, residual in (("littlebit", "littlebit", True), ("littlebit-nores", "littlebit", False),
+                                       ("littlebit2", "littlebit2", True)):
             if kind in args.skip:
                 continue
             t = time.perf_counter()
-            cfg = hf_littlebit.LittleBitConfig(bpw=bpw, residual=residual)
+            cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=method, residual=residual)
             model = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg)
             seconds = time.perf_counter() - t
             report = hf_littlebit.summary(model)

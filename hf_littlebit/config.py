@@ -14,8 +14,8 @@ QUANT_METHOD = "littlebit"
 FORMAT_VERSION = 1
 
 # Methods whose factoriser exists; the others are reserved names that a later release fills in.
-AVAILABLE_METHODS = ("littlebit",)
-PLANNED_METHODS = ("littlebit2", "dbf")
+AVAILABLE_METHODS = ("littlebit", "littlebit2")
+PLANNED_METHODS = ("dbf",)
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -29,8 +29,8 @@ class LittleBitConfig(QuantizationConfigMixin):
     Args:
         bpw: target bits per weight of every converted ``nn.Linear`` (0 < bpw ≤ 16). The rank of each layer follows
             from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
-        method: how the binary factors are found: ``"littlebit"`` (Dual-SVID). ``"littlebit2"`` and ``"dbf"`` are
-            reserved for the LittleBit-2 and DBF factorisers.
+        method: how the binary factors are found: ``"littlebit"`` (Dual-SVID) or ``"littlebit2"`` (Internal Latent
+            Rotation with Joint-ITQ, then Dual-SVID; same stored format). ``"dbf"`` is reserved.
         residual: add a second binary path fitted to the first path's error (the budget is split between both).
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
@@ -39,6 +39,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         kv_factor: the paper's K/V knob, shorthand for ``bpw_multipliers={r"\\.(k_proj|v_proj)$": kv_factor}``.
         min_rank: floor of the rank (layers too small for the target get this rank and a warning).
         seed: seed of every random choice (per layer it is mixed with the layer name).
+        itq_iterations: Joint-ITQ iterations of ``"littlebit2"`` (default 50; most of the gain comes in the first 10).
         scale_dtype: storage dtype of the scale vectors h, l, g: ``"float16"`` (default), ``"bfloat16"``,
             ``"float32"``.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
@@ -55,6 +56,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         kv_factor: float = 1.0,
         min_rank: int = 8,
         seed: int = 0,
+        itq_iterations: int = 50,
         scale_dtype: str = "float16",
         layer_ranks: dict[str, int] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -70,6 +72,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.kv_factor = kv_factor
         self.min_rank = min_rank
         self.seed = seed
+        self.itq_iterations = itq_iterations
         self.scale_dtype = str(scale_dtype).removeprefix("torch.")
         self.layer_ranks = dict(layer_ranks or {})
         self.format_version = format_version
@@ -100,6 +103,10 @@ class LittleBitConfig(QuantizationConfigMixin):
             )
         if not isinstance(self.min_rank, int) or isinstance(self.min_rank, bool) or self.min_rank < 1:
             raise ValueError(f"LittleBitConfig: min_rank must be a positive integer, got {self.min_rank!r}")
+        if not isinstance(self.itq_iterations, int) or isinstance(self.itq_iterations, bool) or self.itq_iterations < 0:
+            raise ValueError(
+                f"LittleBitConfig: itq_iterations must be a non-negative integer, got {self.itq_iterations!r}"
+            )
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"LittleBitConfig: seed must be an integer, got {self.seed!r}")
         for pattern, factor in {**self.bpw_multipliers, "kv_factor": self.kv_factor}.items():
@@ -121,6 +128,10 @@ class LittleBitConfig(QuantizationConfigMixin):
     @property
     def torch_scale_dtype(self) -> torch.dtype:
         return SCALE_DTYPES[self.scale_dtype]
+
+    def factorizer_options(self) -> dict:
+        """Method-specific keyword arguments for the factoriser."""
+        return {"n_iter": self.itq_iterations} if self.method == "littlebit2" else {}
 
     def rank_factor(self, module_name: str) -> float:
         """Product of every multiplier whose pattern matches ``module_name`` (``re.search``)."""

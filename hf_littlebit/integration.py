@@ -131,6 +131,7 @@ def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: Littl
     paths = factorize(
         weight, module.rank, method=config.method, residual=config.residual,
         seed=layer_seed(config.seed, name), scale_dtype=config.torch_scale_dtype, name=name,
+        options=config.factorizer_options(),
     )
     module.set_factors_(paths)
 

@@ -21,8 +21,10 @@ def test_bpw_bounds_accepted():
 def test_methods():
     with pytest.raises(ValueError, match="unknown method 'svd'"):
         LittleBitConfig(method="svd")
-    with pytest.raises(NotImplementedError, match="littlebit2"):
-        LittleBitConfig(method="littlebit2")
+    with pytest.raises(NotImplementedError, match="dbf"):
+        LittleBitConfig(method="dbf")
+    assert LittleBitConfig(method="littlebit2").factorizer_options() == {"n_iter": 50}
+    assert LittleBitConfig(method="littlebit").factorizer_options() == {}
 
 
 @pytest.mark.parametrize(
@@ -35,6 +37,7 @@ def test_methods():
         ({"bpw_multipliers": {"(": 2.0}}, "regex"),
         ({"layer_ranks": {"a": 0}}, "layer_ranks"),
         ({"seed": 1.5}, "seed"),
+        ({"itq_iterations": -1}, "itq_iterations"),
     ],
 )
 def test_other_bad_fields(kwargs, match):

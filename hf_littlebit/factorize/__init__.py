@@ -8,16 +8,20 @@ leaves over, and the cast of the scales to their storage dtype. New methods regi
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .base import FactorPath, binary_sign, relative_error
 from .dual_svid import dual_svid
+from .joint_itq import joint_itq
 
-Factorizer = Callable[[torch.Tensor, int, "torch.Generator | None"], FactorPath]
+# (weight, rank, generator, **method options) -> one path
+Factorizer = Callable[..., FactorPath]
 
 FACTORIZERS: dict[str, Factorizer] = {
     "littlebit": dual_svid,
+    "littlebit2": joint_itq,
 }
 
 __all__ = ["FACTORIZERS", "FactorPath", "binary_sign", "factorize", "relative_error"]
@@ -31,10 +35,12 @@ def factorize(
     seed: int = 0,
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
+    options: dict[str, Any] | None = None,
 ) -> list[FactorPath]:
     """Factor ``weight`` (d_out × d_in) into one path, or two with ``residual=True``.
 
-    ``name`` only serves error messages (NaN/Inf in the weight, scale overflow).
+    ``options`` are passed to the method (e.g. ``n_iter`` for ``littlebit2``); ``name`` only serves error messages
+    (NaN/Inf in the weight, scale overflow). The residual path gets its own fit (with LittleBit-2 its own rotation).
     """
     if method not in FACTORIZERS:
         raise ValueError(f"unknown factorisation method {method!r}; available: {sorted(FACTORIZERS)}")
@@ -47,9 +53,10 @@ def factorize(
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{name}: weight contains {bad} NaN/Inf values; fix the checkpoint before quantizing")
     fit = FACTORIZERS[method]
+    opts = options or {}
     generator = torch.Generator(device=w.device).manual_seed(seed)
-    main = fit(w, rank, generator).with_scale_dtype(scale_dtype, name)
+    main = fit(w, rank, generator, **opts).with_scale_dtype(scale_dtype, name)
     paths = [main]
     if residual:
-        paths.append(fit(w - main.reconstruct(), rank, generator).with_scale_dtype(scale_dtype, name))
+        paths.append(fit(w - main.reconstruct(), rank, generator, **opts).with_scale_dtype(scale_dtype, name))
     return paths
