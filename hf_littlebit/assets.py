@@ -29,6 +29,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -240,8 +241,6 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     plain.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir

@@ -37,13 +37,15 @@ def rank_float(d_in: int, d_out: int, bpw: float, residual: bool) -> float:
     return (bpw * d_in * d_out - 16 * (d_in + d_out)) / (d_in + d_out + 16)
 
 
+def budget_rank(d_in: int, d_out: int, bpw: float, residual: bool, factor: float = 1.0) -> int:
+    """The float rank times the module's factor, truncated and rounded down to a multiple of 8 (may be ≤ 0)."""
+    raw = int(rank_float(d_in, d_out, bpw, residual) * factor)  # int() truncates toward zero, as the repo does
+    return (raw // RANK_MULTIPLE) * RANK_MULTIPLE
+
+
 def paper_rank(d_in: int, d_out: int, bpw: float, residual: bool, factor: float = 1.0, min_rank: int = 8) -> int:
-    """The rank rule exactly as the LittleBit code applies it (no cap at the layer's dimensions)."""
-    r = int(rank_float(d_in, d_out, bpw, residual) * factor)  # int() truncates toward zero, as the repo does
-    r = (r // RANK_MULTIPLE) * RANK_MULTIPLE
-    if r == 0:
-        r = min_rank
-    return max(r, min_rank)
+    """The rank rule exactly as the LittleBit code applies it (floored at ``min_rank``, no cap)."""
+    return max(budget_rank(d_in, d_out, bpw, residual, factor), min_rank)
 
 
 def choose_rank(
@@ -54,13 +56,10 @@ def choose_rank(
     A rank above the smaller dimension adds bits without adding information for SVD-based factorisers (the
     extra latent directions are zero), so it is capped; the caller warns when the floor or the cap bind.
     """
-    raw = int(rank_float(d_in, d_out, bpw, residual) * factor)
-    raw = (raw // RANK_MULTIPLE) * RANK_MULTIPLE
-    rank = paper_rank(d_in, d_out, bpw, residual, factor, min_rank)
-    floored = raw < min_rank
+    raw = budget_rank(d_in, d_out, bpw, residual, factor)
+    rank = max(raw, min_rank)
     limit = min(d_in, d_out)
-    capped = rank > limit
-    return RankChoice(rank=min(rank, limit), rank_from_budget=raw, floored=floored, capped=capped)
+    return RankChoice(rank=min(rank, limit), rank_from_budget=raw, floored=raw < min_rank, capped=rank > limit)
 
 
 def paper_bpw(d_in: int, d_out: int, rank: int, residual: bool) -> float:
