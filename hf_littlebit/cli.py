@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, save it, optionally measure perplexity")
     q.add_argument("model", nargs="?", default=None, help="folder or Hub id (default: bundled SmolLM2-135M)")
     q.add_argument("--bpw", type=float, default=0.55, help="target bits per weight (default 0.55)")
-    q.add_argument("--method", default="littlebit")
+    q.add_argument("--method", default="littlebit", help="littlebit (Dual-SVID) or littlebit2 (Joint-ITQ)")
+    q.add_argument("--itq-iterations", type=int, default=50, help="Joint-ITQ iterations of littlebit2")
     q.add_argument("--no-residual", action="store_true", help="one binary path instead of two")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
@@ -107,7 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .hub import save_pretrained
     from .summary import summary
 
-    config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=not args.no_residual, seed=args.seed)
+    config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=not args.no_residual, seed=args.seed,
+                             itq_iterations=args.itq_iterations)
     path = resolve_model(args.model, args.cache_dir)
     dtype = getattr(torch, args.dtype)
     label = Path(path).name if Path(path).is_dir() else path.replace("/", "--")

@@ -47,6 +47,8 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
         (["quantize", "{fp}", "--bpw", "0", "--out", "{tmp}/a"], "bpw must be a number with 0 < bpw <= 16"),
         (["quantize", "{fp}", "--bpw", "nan", "--out", "{tmp}/a"], "bpw must be"),
         (["quantize", "{fp}", "--method", "zip", "--out", "{tmp}/a"], "unknown method 'zip'"),
+        (["quantize", "{fp}", "--method", "littlebit2", "--itq-iterations", "-3", "--out", "{tmp}/a"],
+         "itq_iterations must be a non-negative integer"),
         (["quantize", "./no/such/folder"], "no such model folder"),
         (["info", "{fp}"], "not a littlebit checkpoint"),
         (["info", "{tmp}"], "no config.json"),
@@ -59,6 +61,15 @@ def test_errors_are_one_line_and_exit_2(capsys, fp_checkpoint, tmp_path, argv, m
     assert code == 2
     assert err.startswith("littlebit: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "a").exists()
+
+
+def test_quantize_with_littlebit2(capsys, fp_checkpoint, tmp_path):
+    code, out, err = run(capsys, "quantize", fp_checkpoint("qwen2"), "--method", "littlebit2", "--itq-iterations", "5",
+                         "--json", "--out", tmp_path / "q2")
+    assert code == 0, err
+    assert json.loads(out)["method"] == "littlebit2"
+    saved = json.loads((tmp_path / "q2" / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "littlebit2" and saved["itq_iterations"] == 5
 
 
 def test_module_entry_point_and_usage_error():
