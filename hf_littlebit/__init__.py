@@ -12,7 +12,7 @@ from .config import LittleBitConfig
 from .hub import NotALittleBitModelError, from_pretrained, model_card, push_to_hub, save_pretrained
 from .integration import LittleBitCheckpointError
 from .layer import LittleBitLinear
-from .quantizer import LittleBitHfQuantizer
+from .quantizer import LittleBitHfQuantizer, LittleBitQuantizationError
 from .registration import register
 from .summary import ModelSummary, summary
 
@@ -23,6 +23,7 @@ __all__ = [
     "LittleBitConfig",
     "LittleBitHfQuantizer",
     "LittleBitLinear",
+    "LittleBitQuantizationError",
     "ModelSummary",
     "NotALittleBitModelError",
     "from_pretrained",

@@ -23,6 +23,11 @@ SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32":
 KV_PATTERN = r"\.(k_proj|v_proj)$"
 
 
+def _is_int(value: object) -> bool:
+    """A real integer (``bool`` is an ``int`` subclass but not a valid count or seed)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 class LittleBitConfig(QuantizationConfigMixin):
     """Configuration of the LittleBit quantizer (``quant_method="littlebit"``).
 
@@ -101,13 +106,13 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}"
             )
-        if not isinstance(self.min_rank, int) or isinstance(self.min_rank, bool) or self.min_rank < 1:
+        if not _is_int(self.min_rank) or self.min_rank < 1:
             raise ValueError(f"LittleBitConfig: min_rank must be a positive integer, got {self.min_rank!r}")
-        if not isinstance(self.itq_iterations, int) or isinstance(self.itq_iterations, bool) or self.itq_iterations < 0:
+        if not _is_int(self.itq_iterations) or self.itq_iterations < 0:
             raise ValueError(
                 f"LittleBitConfig: itq_iterations must be a non-negative integer, got {self.itq_iterations!r}"
             )
-        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+        if not _is_int(self.seed):
             raise ValueError(f"LittleBitConfig: seed must be an integer, got {self.seed!r}")
         for pattern, factor in {**self.bpw_multipliers, "kv_factor": self.kv_factor}.items():
             if not isinstance(factor, (int, float)) or isinstance(factor, bool) or not factor > 0:
@@ -122,7 +127,7 @@ class LittleBitConfig(QuantizationConfigMixin):
                     f"LittleBitConfig: bpw_multipliers pattern {pattern!r} is not a valid regex: {exc}"
                 ) from exc
         for name, rank in self.layer_ranks.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")
 
     @property

@@ -43,7 +43,7 @@ class FactorPath:
     def with_scale_dtype(self, dtype: torch.dtype, name: str = "layer") -> FactorPath:
         """Cast the scales to their storage dtype, refusing values the dtype cannot hold."""
         cast = [t.to(dtype) for t in (self.h, self.l, self.g)]
-        for label, src, dst in zip("hlg", (self.h, self.l, self.g), cast, strict=False):
+        for label, src, dst in zip("hlg", (self.h, self.l, self.g), cast, strict=True):
             if not torch.isfinite(dst).all():
                 raise ValueError(
                     f"{name}: scale vector '{label}' (max |x| = {src.abs().max().item():.3g}) overflows {dtype}; "
