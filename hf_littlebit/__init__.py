@@ -8,17 +8,21 @@ Importing the package registers ``quant_method="littlebit"`` with Transformers::
 
 from __future__ import annotations
 
+from .api import quantize
+from .calibration import CalibrationError
 from .config import LittleBitConfig
 from .hub import NotALittleBitModelError, from_pretrained, model_card, push_to_hub, save_pretrained
 from .integration import LittleBitCheckpointError
 from .layer import LittleBitLinear
 from .quantizer import LittleBitHfQuantizer, LittleBitQuantizationError
+from .reconstruct import ReconstructionError
 from .registration import register
 from .summary import ModelSummary, summary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationError",
     "LittleBitCheckpointError",
     "LittleBitConfig",
     "LittleBitHfQuantizer",
@@ -26,9 +30,11 @@ __all__ = [
     "LittleBitQuantizationError",
     "ModelSummary",
     "NotALittleBitModelError",
+    "ReconstructionError",
     "from_pretrained",
     "model_card",
     "push_to_hub",
+    "quantize",
     "register",
     "save_pretrained",
     "summary",

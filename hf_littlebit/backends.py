@@ -26,14 +26,21 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 
 
 def torch_forward(layer: LittleBitLinear, x: torch.Tensor) -> torch.Tensor:
-    """``Y = ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h`` per path, summed, plus bias."""
+    """``Y = ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h`` per path, summed, plus bias.
+
+    Packed layers use their cached unpacked signs; trainable layers take the signs of their latents through the
+    sign estimator, so the same code is differentiable with respect to latents, scales and input.
+    """
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
     dtype = compute_dtype_for(x)
     xs = x.reshape(-1, layer.in_features).to(dtype)
     y = None
     for prefix in layer.path_prefixes:
-        u, v = layer.signs(prefix, x.device, dtype)
+        if layer.is_trainable:
+            u, v = layer.latent_signs(prefix, dtype)
+        else:
+            u, v = layer.signs(prefix, x.device, dtype)
         h, l, g = (getattr(layer, prefix + n).to(device=x.device, dtype=dtype) for n in ("h", "l", "g"))  # noqa: E741
         z = ((xs * g) @ v.T) * l
         out = (z @ u.T) * h
@@ -57,4 +64,6 @@ def select_backend(layer: LittleBitLinear, x: torch.Tensor) -> str:
 
 
 def littlebit_forward(layer: LittleBitLinear, x: torch.Tensor) -> torch.Tensor:
+    if layer.is_trainable:  # fast kernels serve packed layers only
+        return torch_forward(layer, x)
     return BACKENDS[select_backend(layer, x)](layer, x)

@@ -1,6 +1,8 @@
 """The ``littlebit`` command (also ``python -m hf_littlebit``).
 
     littlebit quantize [MODEL] --bpw 0.55 [--method M] [--no-residual] [--out DIR] [--eval] [--max-tokens N] [--json]
+                       [--calibrate | --no-calibrate] [--calib-samples N] [--calib-seqlen L] [--steps S]
+                       [--work-dir DIR] [--resume]
     littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]
     littlebit info DIR [--json]
     littlebit fetch-assets [--cache-dir DIR]
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load and run the model in (default float32, best on CPU)")
     q.add_argument("--eval", action="store_true", help="perplexity of the original and the quantized model")
+    cal = q.add_mutually_exclusive_group()
+    cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
+                     help="block-wise reconstruction on the training split (default when the corpora are available)")
+    cal.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="data-free quantization")
+    q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    q.add_argument("--steps", type=int, default=100, help="optimiser steps per transformer block (default 100)")
+    q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)
 
     e = sub.add_parser("eval", help="perplexity of a model or a saved littlebit folder on the test split")
@@ -91,6 +103,25 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def calibration_text(args: argparse.Namespace) -> str | None:
+    """The training split when calibrating (``--calibrate``, or by default when the corpora can be prepared)."""
+    from transformers.utils import logging as hf_logging
+
+    from .assets import AssetError, ensure_assets
+
+    if args.calibrate is False:
+        return None
+    try:
+        return ensure_assets(args.cache_dir, model=False).text("train")
+    except AssetError as exc:
+        if args.calibrate:
+            raise
+        hf_logging.get_logger("hf_littlebit.cli").warning(
+            f"no calibration corpus ({exc}); quantizing data-free (expect a much worse model)"
+        )
+        return None
+
+
 def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict[str, Any]:
     from .perplexity import perplexity
 
@@ -104,18 +135,22 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from .api import quantize
     from .config import LittleBitConfig
     from .hub import save_pretrained
     from .summary import summary
 
     config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=not args.no_residual, seed=args.seed,
-                             itq_iterations=args.itq_iterations)
+                             itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
+                             calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps)
     path = resolve_model(args.model, args.cache_dir)
+    calibration = calibration_text(args)
     dtype = getattr(torch, args.dtype)
     label = Path(path).name if Path(path).is_dir() else path.replace("/", "--")
     out = Path(args.out or Path("littlebit-out") / f"{label}-{args.bpw:g}bpw")
     result: dict[str, Any] = {"model": args.model or "smollm2-135m-instruct (bundled)", "model_path": path,
-                              "method": args.method, "residual": not args.no_residual, "bpw_target": args.bpw}
+                              "method": args.method, "residual": not args.no_residual, "bpw_target": args.bpw,
+                              "calibrated": calibration is not None}
     text = tokenizer = None
     if args.eval:
         text, tokenizer = test_text(args.cache_dir), load_tokenizer(path)
@@ -123,7 +158,20 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         fp_eval = measure(fp_model, tokenizer, text, args)
         del fp_model
     t = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)
+    if calibration is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        tokenizer = tokenizer or load_tokenizer(path)
+        work_dir = Path(args.work_dir) if args.work_dir else out.with_name(out.name + ".work")
+        quantize(model, config, calibration=calibration, tokenizer=tokenizer, work_dir=work_dir,
+                 resume=args.resume, progress=not args.quiet)
+        blocks = model.hf_quantizer.reconstruction.blocks
+        if blocks:
+            result.update(calib_samples=config.calibration_samples, calib_seqlen=config.calibration_seqlen,
+                          steps_per_block=config.calibration_steps,
+                          block_loss_before=sum(b.loss_before for b in blocks) / len(blocks),
+                          block_loss_after=sum(b.loss_after for b in blocks) / len(blocks))
     result["seconds_quantize"] = time.perf_counter() - t
     report = summary(model)
     save_pretrained(model, out)
@@ -131,6 +179,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         (tokenizer or load_tokenizer(path)).save_pretrained(out)
     except (OSError, ValueError):
         pass  # a model without a tokenizer is still a valid quantized model
+    if calibration is not None:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the saved model supersedes the per-block checkpoints
     result.update(
         out=str(out), layers=len(report.layers), bpw_paper=report.bpw_paper, bpw_true=report.bpw_true,
         model_bytes_fp=report.model_bytes_fp16, model_bytes_quantized=report.model_bytes_quantized_fp16,
@@ -200,12 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     from .assets import AssetError
     from .hub import NotALittleBitModelError
     from .integration import LittleBitCheckpointError
+    from .reconstruct import ReconstructionError
 
     handlers = {"quantize": cmd_quantize, "eval": cmd_eval, "info": cmd_info, "fetch-assets": cmd_fetch}
     try:
         result = handlers[args.command](args)
-    except (CLIError, AssetError, NotALittleBitModelError, LittleBitCheckpointError, ValueError,
-            NotImplementedError, OSError) as exc:
+    except (CLIError, AssetError, NotALittleBitModelError, LittleBitCheckpointError, ReconstructionError,
+            ValueError, NotImplementedError, OSError) as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"littlebit: error: {message}", file=sys.stderr)
         return 2

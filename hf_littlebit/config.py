@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .budget import is_valid_bpw
+from .estimators import ESTIMATORS
 
 QUANT_METHOD = "littlebit"
 FORMAT_VERSION = 1
@@ -16,6 +18,9 @@ FORMAT_VERSION = 1
 # Methods whose factoriser exists; the others are reserved names that a later release fills in.
 AVAILABLE_METHODS = ("littlebit", "littlebit2")
 PLANNED_METHODS = ("dbf",)
+
+CALIBRATION_LOSSES = ("token_normalized", "mse")
+CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -47,6 +52,28 @@ class LittleBitConfig(QuantizationConfigMixin):
         itq_iterations: Joint-ITQ iterations of ``"littlebit2"`` (default 50; most of the gain comes in the first 10).
         scale_dtype: storage dtype of the scale vectors h, l, g: ``"float16"`` (default), ``"bfloat16"``,
             ``"float32"``.
+        calibration: calibration data for block-wise reconstruction (:mod:`hf_littlebit.reconstruct`): ``"default"``
+            (the project's training split of the bundled corpora), a string, a list of strings, a
+            ``datasets.Dataset`` with a ``text`` column, or token ids. ``None`` (default) quantizes data-free. Only
+            ``"default"`` is written to ``config.json``; other data is recorded by description in
+            ``calibrated_with``.
+        calibration_samples: number of calibration sequences.
+        calibration_seqlen: tokens per calibration sequence (capped by the model's context).
+        calibration_steps: optimiser steps per transformer block (one minibatch each).
+        calibration_batch_size: sequences per minibatch.
+        calibration_lr: Adam learning rate of the latent factors, relative to each tensor's RMS.
+        calibration_scale_lr: the same for the scale vectors h, l, g.
+        calibration_tune_norms: also fit the block's normalisation weights.
+        calibration_loss: ``"token_normalized"`` (mean over tokens of ‖y − t‖² / ‖t‖², robust to the few huge
+            activations of LLM residual streams) or ``"mse"``.
+        calibration_targets: what each block is fitted to: the fp block's outputs on the quantized prefix's outputs
+            (``"quantized_inputs"``) or the fp model's activations after that block (``"fp_inputs"``, which also
+            corrects the error accumulated before the block).
+        calibration_offload_gib: a block's calibration activations larger than this are kept on disk (in the work
+            folder, else a temporary folder) instead of in memory.
+        sign_estimator: gradient of the sign during calibration and training: ``"ste"`` (clipped identity) or
+            ``"smoothsign"`` (derivative of tanh(α x), LittleBit's QAT choice).
+        smoothsign_alpha: α of SmoothSign (100 in the paper, for balanced-split latents).
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
     """
@@ -63,6 +90,19 @@ class LittleBitConfig(QuantizationConfigMixin):
         seed: int = 0,
         itq_iterations: int = 50,
         scale_dtype: str = "float16",
+        calibration: Any = None,
+        calibration_samples: int = 128,
+        calibration_seqlen: int = 512,
+        calibration_steps: int = 200,
+        calibration_batch_size: int = 4,
+        calibration_lr: float = 1e-2,
+        calibration_scale_lr: float = 1e-2,
+        calibration_tune_norms: bool = False,
+        calibration_loss: str = "token_normalized",
+        calibration_targets: str = "quantized_inputs",
+        calibration_offload_gib: float = 4.0,
+        sign_estimator: str = "ste",
+        smoothsign_alpha: float = 100.0,
         layer_ranks: dict[str, int] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -79,6 +119,19 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.seed = seed
         self.itq_iterations = itq_iterations
         self.scale_dtype = str(scale_dtype).removeprefix("torch.")
+        self.calibration = calibration
+        self.calibration_samples = calibration_samples
+        self.calibration_seqlen = calibration_seqlen
+        self.calibration_steps = calibration_steps
+        self.calibration_batch_size = calibration_batch_size
+        self.calibration_lr = calibration_lr
+        self.calibration_scale_lr = calibration_scale_lr
+        self.calibration_tune_norms = calibration_tune_norms
+        self.calibration_loss = calibration_loss
+        self.calibration_targets = calibration_targets
+        self.calibration_offload_gib = calibration_offload_gib
+        self.sign_estimator = sign_estimator
+        self.smoothsign_alpha = smoothsign_alpha
         self.layer_ranks = dict(layer_ranks or {})
         self.format_version = format_version
         # Keep unknown keys (written by a newer release) so that a round trip does not drop them.
@@ -126,9 +179,49 @@ class LittleBitConfig(QuantizationConfigMixin):
                 raise ValueError(
                     f"LittleBitConfig: bpw_multipliers pattern {pattern!r} is not a valid regex: {exc}"
                 ) from exc
+        for name in ("calibration_samples", "calibration_seqlen", "calibration_batch_size"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"LittleBitConfig: {name} must be a positive integer, got {value!r}")
+        if not _is_int(self.calibration_steps) or self.calibration_steps < 0:
+            raise ValueError(
+                f"LittleBitConfig: calibration_steps must be a non-negative integer, got {self.calibration_steps!r}"
+            )
+        if not isinstance(self.calibration_offload_gib, (int, float)) or self.calibration_offload_gib < 0:
+            raise ValueError(
+                f"LittleBitConfig: calibration_offload_gib must be a number ≥ 0, got {self.calibration_offload_gib!r}"
+            )
+        for name in ("calibration_lr", "calibration_scale_lr", "smoothsign_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"LittleBitConfig: {name} must be a positive number, got {value!r}")
+        if not isinstance(self.calibration_tune_norms, bool):
+            raise ValueError(
+                f"LittleBitConfig: calibration_tune_norms must be True or False, got {self.calibration_tune_norms!r}"
+            )
+        if self.calibration_loss not in CALIBRATION_LOSSES:
+            raise ValueError(
+                f"LittleBitConfig: calibration_loss must be one of {list(CALIBRATION_LOSSES)}, "
+                f"got {self.calibration_loss!r}"
+            )
+        if self.calibration_targets not in CALIBRATION_TARGETS:
+            raise ValueError(
+                f"LittleBitConfig: calibration_targets must be one of {list(CALIBRATION_TARGETS)}, "
+                f"got {self.calibration_targets!r}"
+            )
+        if self.sign_estimator not in ESTIMATORS:
+            raise ValueError(
+                f"LittleBitConfig: sign_estimator must be one of {list(ESTIMATORS)}, got {self.sign_estimator!r}"
+            )
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict; calibration data other than ``"default"`` is never written (only its description)."""
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}
+        out["calibration"] = "default" if isinstance(self.calibration, str) and self.calibration == "default" else None
+        return out
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -17,7 +17,7 @@ from transformers.utils import logging
 
 from .budget import choose_rank
 from .config import LittleBitConfig
-from .factorize import factorize
+from .factorize import FactorPath, factorize
 from .layer import LittleBitLinear
 
 logger = logging.get_logger(__name__)
@@ -126,14 +126,36 @@ def layer_seed(seed: int, name: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: LittleBitConfig, name: str) -> None:
-    """Factor ``weight`` with the configured method and pack the result into ``module``."""
-    paths = factorize(
-        weight, module.rank, method=config.method, residual=config.residual,
+def factorize_for_layer(weight: torch.Tensor, plan: LayerPlan | LittleBitLinear, config: LittleBitConfig,
+                        name: str | None = None) -> list[FactorPath]:
+    """The configured method's factor paths (with continuous latents) for one layer's dense ``weight``."""
+    name = name or getattr(plan, "name", "weight")
+    return factorize(
+        weight, plan.rank, method=config.method, residual=config.residual,
         seed=layer_seed(config.seed, name), scale_dtype=config.torch_scale_dtype, name=name,
         options=config.factorizer_options(),
     )
-    module.set_factors_(paths)
+
+
+def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: LittleBitConfig, name: str) -> None:
+    """Factor ``weight`` with the configured method and pack the result into ``module``."""
+    module.set_factors_(factorize_for_layer(weight, module, config, name))
+
+
+def new_littlebit_layer(
+    plan: LayerPlan, config: LittleBitConfig, dense: nn.Linear, device: torch.device | str | None = None
+) -> LittleBitLinear:
+    """An empty (zero) ``LittleBitLinear`` for ``plan`` on ``device``, carrying ``dense``'s bias."""
+    layer = LittleBitLinear(
+        plan.in_features, plan.out_features, plan.rank, bias=plan.bias, residual=config.residual,
+        scale_dtype=config.torch_scale_dtype, device=device,
+        bias_dtype=dense.bias.dtype if dense.bias is not None else None,
+    )
+    layer.requires_grad_(False)
+    if dense.bias is not None:
+        with torch.no_grad():
+            layer.bias.copy_(dense.bias)
+    return layer
 
 
 def check_checkpoint_tensors(model: nn.Module, checkpoint_files: list[str] | None) -> None:

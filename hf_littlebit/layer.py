@@ -15,21 +15,32 @@ name          shape / dtype          meaning
 
 The residual path uses the same names with a ``res_`` prefix. ``bias`` stays in full precision.
 
+**Trainable mode** (:meth:`LittleBitLinear.make_trainable_`, used by block reconstruction and QAT): the packed signs
+are replaced by fp32 *latent* factors ``u_latent`` (d_out × r) and ``v_latent`` (r × d_in) whose signs are taken in
+the forward by a straight-through estimator (:mod:`hf_littlebit.estimators`), and ``h, l, g`` become trainable fp32
+parameters. :meth:`LittleBitLinear.pack_` turns the layer back into the packed format above; nothing but the packed
+format is ever saved.
+
 The forward is ``Y = ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h (+ residual path) + bias``; which implementation runs
 is chosen by :mod:`hf_littlebit.backends`. The layer knows nothing of how the factors were found.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from .budget import stored_bits
+from .estimators import sign_estimator
 from .factorize import FactorPath
 from .packing import pack_signs, packed_width, unpack_signs
 
 PATH_PREFIXES = ("", "res_")
 PATH_TENSORS = ("u_bits", "v_bits", "h", "l", "g")
+SCALE_NAMES = ("h", "l", "g")
+LATENT_NAMES = ("u_latent", "v_latent")
 
 
 class LittleBitLinear(nn.Module):
@@ -62,18 +73,12 @@ class LittleBitLinear(nn.Module):
         self.residual = residual
         self.scale_dtype = scale_dtype
         self.backend: str | None = None  # None: follow hf_littlebit.backends' default
+        self.sign_estimator: str | None = None  # set in trainable mode
+        self._sign_fn = None
         self._sign_cache: dict[tuple, tuple] = {}
-        for prefix in self.path_prefixes:
-            shapes = {
-                "u_bits": ((out_features, packed_width(rank)), torch.int32),
-                "v_bits": ((rank, packed_width(in_features)), torch.int32),
-                "h": ((out_features,), scale_dtype),
-                "l": ((rank,), scale_dtype),
-                "g": ((in_features,), scale_dtype),
-            }
-            for name, (shape, dtype) in shapes.items():
-                tensor = torch.zeros(shape, dtype=dtype, device=device)
-                self.register_parameter(prefix + name, nn.Parameter(tensor, requires_grad=False))
+        for name, (shape, dtype) in self.expected_tensors().items():
+            tensor = torch.zeros(shape, dtype=dtype, device=device)
+            self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
         if bias:
             self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device), requires_grad=False)
         else:
@@ -89,27 +94,32 @@ class LittleBitLinear(nn.Module):
 
     @property
     def is_packed(self) -> bool:
-        """True once the layer holds real packed factors (no pending fp weight, nothing on meta)."""
-        return "weight" not in self._parameters and not any(
-            getattr(self, p + n).is_meta for p in self.path_prefixes for n in PATH_TENSORS
-        )
+        """True once the layer holds real packed factors (no pending fp weight, not trainable, nothing on meta)."""
+        if "weight" in self._parameters or self.is_trainable:
+            return False
+        return not any(self._parameters[name].is_meta for name in self.expected_tensors())
+
+    @property
+    def is_trainable(self) -> bool:
+        """True between :meth:`make_trainable_` and :meth:`pack_` (latent factors instead of packed signs)."""
+        return self.sign_estimator is not None
 
     def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name → (shape, dtype) of every packed tensor, as a checkpoint of this layer must hold them."""
         out = {}
         for prefix in self.path_prefixes:
-            for name in PATH_TENSORS:
-                t = getattr(self, prefix + name)
-                out[prefix + name] = (tuple(t.shape), t.dtype)
+            out[prefix + "u_bits"] = ((self.out_features, packed_width(self.rank)), torch.int32)
+            out[prefix + "v_bits"] = ((self.rank, packed_width(self.in_features)), torch.int32)
+            out[prefix + "h"] = ((self.out_features,), self.scale_dtype)
+            out[prefix + "l"] = ((self.rank,), self.scale_dtype)
+            out[prefix + "g"] = ((self.in_features,), self.scale_dtype)
         return out
 
     def stored_bits(self) -> int:
-        """Bits of the packed factors and scales (no bias), from the tensors actually held."""
+        """Bits of the packed factors and scales (no bias) as the packed format stores them."""
         bits = 0
-        for prefix in self.path_prefixes:
-            for name in PATH_TENSORS:
-                t = getattr(self, prefix + name)
-                bits += t.numel() * t.element_size() * 8
+        for shape, dtype in self.expected_tensors().values():
+            bits += math.prod(shape) * (torch.iinfo(dtype).bits if dtype == torch.int32 else torch.finfo(dtype).bits)
         return bits
 
     def formula_bits(self) -> int:
@@ -123,12 +133,10 @@ class LittleBitLinear(nn.Module):
         """Pack factoriser output into this layer (on the paths' device) and drop the fp placeholder."""
         if len(paths) != len(self.path_prefixes):
             raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
-        for prefix, path in zip(self.path_prefixes, paths, strict=False):
-            if path.u.shape != (self.out_features, self.rank) or path.v.shape != (self.rank, self.in_features):
-                raise ValueError(
-                    f"factor shapes {tuple(path.u.shape)} / {tuple(path.v.shape)} do not match the layer "
-                    f"({self.out_features}×{self.rank} / {self.rank}×{self.in_features})"
-                )
+        if self.is_trainable:
+            raise ValueError("set_factors_: the layer is in trainable mode; call pack_() first")
+        for prefix, path in zip(self.path_prefixes, paths, strict=True):
+            self._check_path_shapes(path)
             values = {
                 "u_bits": pack_signs(path.u),
                 "v_bits": pack_signs(path.v),
@@ -144,8 +152,23 @@ class LittleBitLinear(nn.Module):
             del self.weight
         self._sign_cache.clear()
 
+    def _check_path_shapes(self, path: FactorPath) -> None:
+        if path.u.shape != (self.out_features, self.rank) or path.v.shape != (self.rank, self.in_features):
+            raise ValueError(
+                f"factor shapes {tuple(path.u.shape)} / {tuple(path.v.shape)} do not match the layer "
+                f"({self.out_features}×{self.rank} / {self.rank}×{self.in_features})"
+            )
+
     def factor_paths(self, dtype: torch.dtype = torch.float32) -> list[FactorPath]:
-        """The stored paths with ±1 factors unpacked (as ``FactorPath`` with sign-valued latents)."""
+        """The stored paths with ±1 factors unpacked (as ``FactorPath`` with sign-valued latents).
+
+        In trainable mode the paths carry the (detached) latent factors instead; their signs are the same thing.
+        """
+        if self.is_trainable:
+            return [
+                FactorPath(*(getattr(self, prefix + n).detach() for n in (*LATENT_NAMES, *SCALE_NAMES)))
+                for prefix in self.path_prefixes
+            ]
         paths = []
         for prefix in self.path_prefixes:
             u, v = self.signs(prefix, self.h.device, dtype)
@@ -180,6 +203,63 @@ class LittleBitLinear(nn.Module):
         """Dense ``Ŵ`` (d_out × d_in) represented by the packed factors."""
         return sum(p.reconstruct(dtype) for p in self.factor_paths(dtype))
 
+    # ------------------------------------------------------------------ trainable mode
+    @torch.no_grad()
+    def make_trainable_(
+        self,
+        paths: list[FactorPath] | None = None,
+        estimator: str = "smoothsign",
+        alpha: float = 100.0,
+        clip: float = 1.0,
+    ) -> None:
+        """Switch to latent fp32 factors and trainable fp32 scales.
+
+        ``paths`` (from a factoriser, with continuous latents) seed the latents; without them the latents are the
+        stored signs times ``1/alpha`` (SmoothSign's sensitive band) or ``clip/2`` (STE), so every entry can flip.
+        """
+        sign_fn = sign_estimator(estimator, alpha=alpha, clip=clip)
+        if paths is None:
+            if not self.is_packed:
+                raise ValueError("make_trainable_: the layer holds no packed factors and no paths were given")
+            magnitude = 1.0 / alpha if estimator == "smoothsign" else (0.5 * clip if math.isfinite(clip) else 0.01)
+            paths = [FactorPath(p.u * magnitude, p.v * magnitude, p.h, p.l, p.g) for p in self.factor_paths()]
+        if len(paths) != len(self.path_prefixes):
+            raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
+        device = self.h.device if not self.h.is_meta else paths[0].u.device
+        for prefix, path in zip(self.path_prefixes, paths, strict=True):
+            self._check_path_shapes(path)
+            for name in ("u_bits", "v_bits"):
+                self._parameters.pop(prefix + name, None)
+            tensors = {"u_latent": path.u, "v_latent": path.v, "h": path.h, "l": path.l, "g": path.g}
+            for name, value in tensors.items():
+                param = nn.Parameter(value.detach().to(device=device, dtype=torch.float32).clone())
+                param._is_hf_initialized = True
+                self.register_parameter(prefix + name, param)
+        if "weight" in self._parameters:
+            del self.weight
+        self.sign_estimator = estimator
+        self._sign_fn = sign_fn
+        self._sign_cache.clear()
+
+    def latent_signs(self, prefix: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """±1 factors of one path in trainable mode, differentiable through the sign estimator."""
+        u = self._sign_fn(getattr(self, prefix + "u_latent"))
+        v = self._sign_fn(getattr(self, prefix + "v_latent"))
+        return u.to(dtype), v.to(dtype)
+
+    @torch.no_grad()
+    def pack_(self) -> None:
+        """Leave trainable mode: pack the latents' signs, cast the scales to their storage dtype, freeze."""
+        if not self.is_trainable:
+            return
+        paths = [p.with_scale_dtype(self.scale_dtype, name=type(self).__name__) for p in self.factor_paths()]
+        for prefix in self.path_prefixes:
+            for name in LATENT_NAMES:
+                del self._parameters[prefix + name]
+        self.sign_estimator = None
+        self._sign_fn = None
+        self.set_factors_(paths)
+
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .backends import littlebit_forward
@@ -190,4 +270,5 @@ class LittleBitLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
             f"residual={self.residual}, bias={self.bias is not None}, scale_dtype={self.scale_dtype}"
+            + (f", trainable={self.sign_estimator}" if self.is_trainable else "")
         )

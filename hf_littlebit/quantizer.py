@@ -85,6 +85,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         self._progress = None
         self._n_layers = 0
         self.layer_errors: dict[str, str] = {}
+        self.reconstruction = None  # report of a calibrated load
 
     # -------------------------------------------------------------- environment
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -101,10 +102,17 @@ class LittleBitHfQuantizer(HfQuantizer):
         return 0.0
 
     # -------------------------------------------------------------- module swap
+    @property
+    def calibrating(self) -> bool:
+        """Quantize after loading, block by block on calibration data, instead of layer by layer during loading."""
+        return not self.pre_quantized and self.quantization_config.calibration is not None
+
     def _process_model_before_weight_loading(
         self, model: torch.nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> None:
         cfg = self.quantization_config
+        if self.calibrating:
+            return  # the fp model loads as is; _process_model_after_weight_loading converts it
         default_skips = self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
         if not self.pre_quantized:
             cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, default_skips)
@@ -117,7 +125,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         self._n_layers = len(plans)
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
-        if self.pre_quantized:
+        if self.pre_quantized or self.calibrating:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, LittleBitLinear) and tensor_name == "weight"
@@ -133,6 +141,10 @@ class LittleBitHfQuantizer(HfQuantizer):
 
     # -------------------------------------------------------------- after load
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+        if self.calibrating:
+            from .api import convert_model_
+
+            self.reconstruction = convert_model_(model, self.quantization_config, self.quantization_config.calibration)
         if self._progress is not None:
             self._progress.close()
             self._progress = None

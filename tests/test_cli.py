@@ -18,12 +18,15 @@ def run(capsys, *argv):
 def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake_cache, tmp_path):
     out_dir = tmp_path / "q"
     code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0",
-                         "--eval", "--max-tokens", "128", "--seqlen", "32", "--json", "--out", out_dir)
+                         "--eval", "--max-tokens", "128", "--seqlen", "32", "--json", "--out", out_dir,
+                         "--calib-samples", "4", "--calib-seqlen", "16", "--steps", "3")
     assert code == 0, err
     result = json.loads(out)
     for key in ("model", "method", "bpw_target", "bpw_true", "model_bytes_fp", "model_bytes_quantized", "ppl_fp",
-                "ppl_quantized", "eval_tokens", "seconds_quantize"):
+                "ppl_quantized", "eval_tokens", "seconds_quantize", "block_loss_before", "block_loss_after"):
         assert key in result, key
+    assert result["calibrated"] is True and result["calib_samples"] == 4  # corpora available: calibrated
+    assert not (tmp_path / "q.work").exists()  # per-block checkpoints are removed once the model is saved
     assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0 and result["method"] == "littlebit"
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
     assert result["ppl_fp"] > 1 and result["ppl_quantized"] > 1
@@ -50,6 +53,7 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
         (["quantize", "{fp}", "--method", "littlebit2", "--itq-iterations", "-3", "--out", "{tmp}/a"],
          "itq_iterations must be a non-negative integer"),
         (["quantize", "./no/such/folder"], "no such model folder"),
+        (["quantize", "{fp}", "--calib-samples", "0", "--out", "{tmp}/a"], "calibration_samples must be a positive"),
         (["info", "{fp}"], "not a littlebit checkpoint"),
         (["info", "{tmp}"], "no config.json"),
         (["eval", "./missing-dir"], "no such model folder"),
@@ -65,9 +69,9 @@ def test_errors_are_one_line_and_exit_2(capsys, fp_checkpoint, tmp_path, argv, m
 
 def test_quantize_with_littlebit2(capsys, fp_checkpoint, tmp_path):
     code, out, err = run(capsys, "quantize", fp_checkpoint("qwen2"), "--method", "littlebit2", "--itq-iterations", "5",
-                         "--json", "--out", tmp_path / "q2")
+                         "--no-calibrate", "--json", "--out", tmp_path / "q2")
     assert code == 0, err
-    assert json.loads(out)["method"] == "littlebit2"
+    assert json.loads(out)["method"] == "littlebit2" and json.loads(out)["calibrated"] is False
     saved = json.loads((tmp_path / "q2" / "config.json").read_text())["quantization_config"]
     assert saved["method"] == "littlebit2" and saved["itq_iterations"] == 5
 

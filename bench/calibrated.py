@@ -1,0 +1,160 @@
+"""Calibrated block-wise reconstruction vs data-free quantization on the bundled SmolLM2-135M, with HQQ peers.
+
+usage: python bench/calibrated.py [--bpw 1.0 0.55 0.3 0.1] [--methods littlebit littlebit2]
+                                  [--samples 128] [--seqlen 256] [--steps 100] [--hqq-bits 2 3 4]
+                                  [--max-tokens 8192] [--out bench/results/calibrated.json]
+                                  [--plot bench/results/calibrated.png] [--report-only]
+
+Every row is measured in this run on the same first ``--max-tokens`` tokens of the test split (2048-token windows):
+the fp model, HQQ at 2/3/4 bits (group 64), and for each bpw × method the data-free model and the calibrated one
+(``hf_littlebit.quantize(model, config, calibration=<training split>)``). Rows are appended to the JSON as they
+come, so an interrupted run keeps what it measured; ``--skip-done`` skips rows already in the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from sweep import hqq_, linear_layers, simulate
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import hf_littlebit
+from hf_littlebit.assets import ensure_assets
+from hf_littlebit.perplexity import perplexity, tokenize_stream
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3, 0.1])
+    ap.add_argument("--methods", nargs="+", default=["littlebit", "littlebit2"])
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
+    ap.add_argument("--no-data-free", action="store_true", help="only the calibrated rows")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--out", default="bench/results/calibrated.json")
+    ap.add_argument("--plot", default="bench/results/calibrated.png")
+    ap.add_argument("--skip-done", action="store_true", help="keep rows already in --out and skip them")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows: list[dict] = json.loads(out.read_text())["rows"] if (args.skip_done or args.report_only) and out.exists() \
+        else []
+    if args.report_only:
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+        return
+    torch.set_num_threads(2)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    assets = ensure_assets(args.cache_dir)
+    path = str(assets.model_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tokenize_stream(tok, assets.text("test"), args.max_tokens)
+    train = assets.text("train")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {r["name"] for r in rows}
+
+    def record(name: str, kind: str, bpw_target: float | None, model, bits: float, dense: int, seconds: float,
+               extra: dict | None = None) -> None:
+        t = time.perf_counter()
+        res = perplexity(model, token_ids=ids, seqlen=2048, progress=False)
+        row = {"name": name, "kind": kind, "bpw_target": bpw_target, "bpw_true": bits / dense, "ppl": res.ppl,
+               "eval_tokens": res.tokens, "seconds_quantize": seconds, "seconds_eval": time.perf_counter() - t,
+               **(extra or {})}
+        rows.append(row)
+        out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens,
+                                   "samples": args.samples, "seqlen": args.seqlen, "steps": args.steps,
+                                   "rows": rows}, indent=1))
+        print(json.dumps(row), flush=True)
+
+    if "fp" not in done:
+        fp = AutoModelForCausalLM.from_pretrained(path)
+        dense = sum(m.weight.numel() for m in linear_layers(fp).values())
+        record("fp", "fp32 (reference)", None, fp, 16 * dense, dense, 0.0)
+        del fp
+    for nbits in args.hqq_bits:
+        name = f"hqq-{nbits}bit"
+        if name in done:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path)
+        t = time.perf_counter()
+        bits, n = simulate(model, lambda w, _n=nbits: hqq_(w, _n))
+        record(name, name, float(nbits), model, bits, n, time.perf_counter() - t)
+        del model
+    for bpw in args.bpw:
+        for method in args.methods:
+            for calibrated in ((False, True) if not args.no_data_free else (True,)):
+                name = f"{method}-{'calibrated' if calibrated else 'data-free'}-{bpw:g}"
+                if name in done:
+                    continue
+                cfg = hf_littlebit.LittleBitConfig(
+                    bpw=bpw, method=method, calibration_samples=args.samples, calibration_seqlen=args.seqlen,
+                    calibration_steps=args.steps,
+                )
+                model = AutoModelForCausalLM.from_pretrained(path)
+                t = time.perf_counter()
+                hf_littlebit.quantize(model, cfg, calibration=train if calibrated else None, tokenizer=tok,
+                                      progress=False)
+                seconds = time.perf_counter() - t
+                report = hf_littlebit.summary(model)
+                extra = {"method": method, "calibrated": calibrated}
+                blocks = model.hf_quantizer.reconstruction.blocks if calibrated else []
+                if blocks:
+                    extra["block_loss_before"] = [round(b.loss_before, 5) for b in blocks]
+                    extra["block_loss_after"] = [round(b.loss_after, 5) for b in blocks]
+                record(name, f"{method} {'calibrated' if calibrated else 'data-free'}", bpw, model,
+                       report.bpw_true * report.converted_params, report.converted_params, seconds, extra)
+                del model
+    print(markdown(rows))
+    if args.plot:
+        plot(rows, Path(args.plot))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| method | target bpw | true bpw (linear layers) | perplexity | quantize s |", "|---|---|---|---|---|"]
+    for r in rows:
+        target = "—" if r["bpw_target"] is None else f"{r['bpw_target']:g}"
+        ppl = f"{r['ppl']:.2f}" if r["ppl"] < 1e4 else f"{r['ppl']:.2e}"
+        lines.append(f"| {r['kind']} | {target} | {r['bpw_true']:.3f} | {ppl} | {r['seconds_quantize']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    kinds = list(dict.fromkeys(r["kind"] for r in rows))
+    for kind in kinds:
+        pts = sorted((r["bpw_true"], r["ppl"]) for r in rows if r["kind"] == kind and math.isfinite(r["ppl"]))
+        if kind.startswith("fp32"):
+            ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"fp model ({pts[0][1]:.1f})")
+            continue
+        style = "s" if kind.startswith("hqq") else ("o" if "calibrated" in kind else "x")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=style, ls="-" if len(pts) > 1 else "",
+                label=kind)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("true bits per weight of the decoder linear layers")
+    ax.set_ylabel("perplexity (Wikipedia test split)")
+    ax.set_title("SmolLM2-135M: calibrated block reconstruction vs data-free")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,509 @@
+"""Calibrated block-wise reconstruction: quantize one transformer block at a time and fit it to its fp outputs.
+
+For block ``i`` (in order):
+
+1. its inputs ``X`` are the outputs of blocks ``0..i-1`` *as already quantized* (error propagation), for every
+   calibration sequence; the targets are the full-precision block's outputs on the same ``X``
+   (``targets="quantized_inputs"``), or the full-precision *model's* activations at this depth
+   (``targets="fp_inputs"``: the block then also learns to undo the error of the blocks before it);
+2. each convertible ``nn.Linear`` of the block is factorised with the configured method and replaced by a
+   :class:`~hf_littlebit.layer.LittleBitLinear` in trainable mode (latent factors, signs through a straight-through
+   estimator, fp32 scales);
+3. latents, scales (and optionally the block's norms) are optimised with Adam to minimise the block-output error
+   (per-token normalised MSE by default), on minibatches of the calibration set;
+4. the layers are packed (the fp weights are gone from the model), the block's outputs on ``X`` become the next
+   block's inputs, and — with a work folder — the packed block and those inputs are written to disk so an interrupted
+   run resumes at the next block.
+
+Only one block's inputs and targets are held at once (in memory, or spilled to disk above a size limit). This module
+drives modules and tensors; it knows the config's numbers, not the Transformers loading machinery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import logging
+
+from .config import LittleBitConfig
+from .integration import LayerPlan, factorize_for_layer, new_littlebit_layer
+from .layer import LittleBitLinear
+
+logger = logging.get_logger(__name__)
+
+STATE_FILE = "progress.json"
+WORK_FORMAT = 1
+
+
+class ReconstructionError(RuntimeError):
+    """The model or the work folder does not fit block-wise reconstruction."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end a forward pass at the first block."""
+
+
+@dataclass
+class BlockReport:
+    """What happened to one block (also written to the work folder)."""
+
+    index: int
+    layers: int
+    loss_before: float
+    loss_after: float
+    seconds: float
+
+
+@dataclass
+class ReconstructionResult:
+    blocks: list[BlockReport] = field(default_factory=list)
+    resumed_from: int = 0
+    outside_blocks: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "blocks": [vars(b) for b in self.blocks],
+            "resumed_from": self.resumed_from,
+            "outside_blocks": self.outside_blocks,
+        }
+
+
+# ---------------------------------------------------------------------------------------------------- structure
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder's list of transformer blocks: the ``ModuleList`` with ``num_hidden_layers`` entries."""
+    cfg = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    n_layers = getattr(text_cfg, "num_hidden_layers", None)
+    candidates = [
+        (name, m) for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and any(isinstance(x, nn.Linear | LittleBitLinear)
+                                                                for x in m[0].modules())
+    ]
+    if n_layers is not None:
+        exact = [c for c in candidates if len(c[1]) == n_layers]
+        if exact:
+            return exact[0]
+    if not candidates:
+        raise ReconstructionError(
+            f"{type(model).__name__} has no list of transformer blocks; block-wise reconstruction needs a decoder "
+            "with a ModuleList of layers (quantize without calibration instead)"
+        )
+    return max(candidates, key=lambda c: len(c[1]))
+
+
+def block_output(block: nn.Module, x: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(x, **kwargs)
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+# ---------------------------------------------------------------------------------------------------- activations
+class ActivationStore:
+    """One tensor per calibration batch, in memory or (``spill_dir``) as safetensors files on disk."""
+
+    def __init__(self, spill_dir: Path | None = None) -> None:
+        self.spill_dir = spill_dir
+        self._items: list[torch.Tensor | Path] = []
+        if spill_dir is not None:
+            spill_dir.mkdir(parents=True, exist_ok=True)
+
+    def append(self, t: torch.Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        if self.spill_dir is None:
+            self._items.append(t)
+            return
+        path = self.spill_dir / f"batch_{len(self._items):05d}.safetensors"
+        save_file({"x": t}, str(path))
+        self._items.append(path)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = self._items[i]
+        return item if isinstance(item, torch.Tensor) else load_file(str(item))["x"]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def save(self, folder: Path) -> None:
+        """Write every batch to ``folder`` (atomically: a temporary folder renamed into place)."""
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for i, t in enumerate(self):
+            save_file({"x": t}, str(tmp / f"batch_{i:05d}.safetensors"))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    @classmethod
+    def load(cls, folder: Path, spill_dir: Path | None = None) -> ActivationStore:
+        store = cls(spill_dir)
+        for path in sorted(folder.glob("batch_*.safetensors")):
+            store.append(load_file(str(path))["x"])
+        return store
+
+    def copy(self, spill_dir: Path | None = None) -> ActivationStore:
+        """A store with the same tensors (shared in memory; re-written when spilling)."""
+        other = ActivationStore(spill_dir)
+        for t in self:
+            other.append(t)
+        return other
+
+    def clear(self) -> None:
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+        self._items = []
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, blocks: nn.ModuleList, tokens: torch.Tensor, batch_size: int, spill_dir: Path | None
+) -> tuple[ActivationStore, list[dict[str, Any]]]:
+    """Inputs of block 0 for every batch, and the keyword arguments (masks, rotary tables...) each block receives.
+
+    Batch 0 runs the whole model once so that every block's arguments are seen (they differ between blocks in
+    hybrid-attention models); the other batches stop at block 0. All batches have the same shape, so the arguments
+    recorded on batch 0 are valid for every batch.
+    """
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    store = ActivationStore(spill_dir)
+    kwargs_per_block: list[dict[str, Any] | None] = [None] * len(blocks)
+    state = {"full": True}
+
+    def make_hook(index: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kw = dict(kwargs)
+            hidden = kw.pop("hidden_states", None)
+            if hidden is None:
+                hidden = args[0]
+            kw["past_key_values"] = None
+            kw["use_cache"] = False
+            if kwargs_per_block[index] is None:
+                kwargs_per_block[index] = kw
+            if index == 0:
+                store.append(hidden)
+                if not state["full"]:
+                    raise _StopForward
+        return hook
+
+    handles = [b.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            state["full"] = start == 0
+            try:
+                model(input_ids=tokens[start:start + batch_size].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    if any(k is None for k in kwargs_per_block):
+        raise ReconstructionError("some transformer blocks were not called in a forward pass; cannot calibrate them")
+    return store, kwargs_per_block  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """``"token_normalized"``: mean over tokens of ‖y − t‖² / ‖t‖²; ``"mse"``: mean squared error."""
+    diff = (y.float() - target.float()).pow(2)
+    if kind == "mse":
+        return diff.mean()
+    return (diff.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+@torch.no_grad()
+def evaluate_block(
+    block: nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict, kind: str,
+    device: torch.device, next_inputs: ActivationStore | None = None,
+) -> float:
+    """Mean loss over all batches; with ``next_inputs`` the outputs are also stored for the next block."""
+    total = 0.0
+    for x, t in zip(inputs, targets, strict=True):
+        y = block_output(block, x.to(device), kwargs)
+        total += block_loss(y, t.to(device), kind).item()
+        if next_inputs is not None:
+            next_inputs.append(y)
+    return total / max(len(inputs), 1)
+
+
+# ---------------------------------------------------------------------------------------------------- engine
+@dataclass
+class ReconstructionOptions:
+    """The knobs of the procedure (taken from :class:`LittleBitConfig`'s ``calibration_*`` fields)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    lr: float = 1e-3
+    scale_lr: float = 1e-3
+    tune_norms: bool = False
+    norm_lr: float = 1e-4
+    loss: str = "token_normalized"
+    targets: str = "quantized_inputs"
+    estimator: str = "ste"
+    alpha: float = 100.0
+    max_activation_gib: float = 4.0
+
+    @classmethod
+    def from_config(cls, config: LittleBitConfig) -> ReconstructionOptions:
+        return cls(
+            steps=config.calibration_steps, batch_size=config.calibration_batch_size, lr=config.calibration_lr,
+            scale_lr=config.calibration_scale_lr, tune_norms=config.calibration_tune_norms,
+            loss=config.calibration_loss, targets=config.calibration_targets, estimator=config.sign_estimator,
+            alpha=config.smoothsign_alpha, max_activation_gib=config.calibration_offload_gib,
+        )
+
+
+def _fingerprint(model: nn.Module, config: LittleBitConfig, tokens: torch.Tensor, opts: ReconstructionOptions) -> str:
+    h = hashlib.sha256()
+    cfg = {k: v for k, v in config.to_dict().items() if k not in ("calibration", "calibrated_with")}
+    h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+    h.update(json.dumps(vars(opts), sort_keys=True).encode())
+    h.update(type(model).__name__.encode())
+    h.update(tokens.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _latent_param_groups(layers: list[LittleBitLinear], norms: list[nn.Parameter], opts: ReconstructionOptions):
+    """Adam groups with per-tensor learning rates proportional to each tensor's RMS (steps are relative)."""
+    groups = []
+    for layer in layers:
+        for name, p in layer.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            base = opts.lr if name.endswith("_latent") else opts.scale_lr
+            rms = p.detach().pow(2).mean().sqrt().item()
+            groups.append({"params": [p], "lr": base * (rms if rms > 0 else 1.0)})
+    if norms:
+        groups.append({"params": norms, "lr": opts.norm_lr})
+    return groups
+
+
+def _norm_params(block: nn.Module) -> list[nn.Parameter]:
+    """Weights of the block's normalisation layers (any module whose class name contains "Norm")."""
+    return [p for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
+
+
+def optimise_block(
+    block: nn.Module, layers: list[LittleBitLinear], inputs: ActivationStore, targets: ActivationStore,
+    kwargs: dict, opts: ReconstructionOptions, seed: int, device: torch.device,
+) -> None:
+    """Adam on latents and scales (and norms) of one block for ``opts.steps`` minibatch steps, cosine schedule."""
+    norms = _norm_params(block) if opts.tune_norms else []
+    for p in norms:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(_latent_param_groups(layers, norms, opts))
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    with torch.enable_grad():
+        for step in range(opts.steps):
+            if not order:
+                order = torch.randperm(len(inputs), generator=generator).tolist()
+            i = order.pop()
+            factor = 0.5 * (1 + math.cos(math.pi * step / opts.steps))
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+            y = block_output(block, inputs[i].to(device), kwargs)
+            loss = block_loss(y, targets[i].to(device), opts.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for p in norms:
+        p.requires_grad_(False)
+
+
+class BlockReconstructor:
+    """Runs the procedure of the module docstring over ``blocks`` of ``model``, with optional resume."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: LittleBitConfig,
+        plans: list[LayerPlan],
+        tokens: torch.Tensor,
+        opts: ReconstructionOptions,
+        work_dir: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.config = config
+        self.plans = {p.name: p for p in plans}
+        self.tokens = tokens
+        self.opts = opts
+        self.work_dir = Path(work_dir) if work_dir is not None else None
+        self.resume = resume
+        self.progress = progress
+        self.blocks_name, self.blocks = find_blocks(model)
+        self.device = next(p.device for p in model.parameters() if not p.is_meta)
+        self._tmp_root: Path | None = None
+        self.batch_size = max(d for d in range(1, min(opts.batch_size, tokens.shape[0]) + 1)
+                              if tokens.shape[0] % d == 0)
+
+    # ------------------------------------------------------------------ helpers
+    def block_plans(self, index: int) -> list[LayerPlan]:
+        prefix = f"{self.blocks_name}.{index}."
+        return [p for name, p in self.plans.items() if name.startswith(prefix)]
+
+    def outside_plans(self) -> list[LayerPlan]:
+        prefix = f"{self.blocks_name}."
+        return [p for name, p in self.plans.items() if not name.startswith(prefix)]
+
+    def _spill_dir(self, name: str) -> Path | None:
+        t = self.tokens
+        hidden = getattr(getattr(self.model, "config", None), "hidden_size", 0) or 0
+        gib = t.numel() * hidden * 4 / 2**30
+        if gib <= self.opts.max_activation_gib:
+            return None
+        if self.work_dir is not None:
+            return self.work_dir / "spill" / name
+        if self._tmp_root is None:
+            self._tmp_root = Path(tempfile.mkdtemp(prefix="littlebit-activations-"))
+        return self._tmp_root / name
+
+    def _convert_block(self, index: int, trainable: bool) -> list[LittleBitLinear]:
+        layers = []
+        for plan in self.block_plans(index):
+            dense = self.model.get_submodule(plan.name)
+            layer = new_littlebit_layer(plan, self.config, dense, device=self.device)
+            if trainable:
+                paths = factorize_for_layer(dense.weight, plan, self.config)
+                layer.make_trainable_(paths, estimator=self.opts.estimator, alpha=self.opts.alpha)
+            layers.append(layer)
+            self.model.set_submodule(plan.name, layer)
+        return layers
+
+    # ------------------------------------------------------------------ resume state
+    def _load_state(self, fingerprint: str) -> int:
+        if self.work_dir is None or not self.resume:
+            if self.work_dir is not None and (self.work_dir / STATE_FILE).exists():
+                raise ReconstructionError(
+                    f"{self.work_dir} already holds a reconstruction run; pass resume=True (--resume) to continue "
+                    "it, or choose an empty work folder"
+                )
+            return 0
+        state_path = self.work_dir / STATE_FILE
+        if not state_path.exists():
+            return 0
+        state = json.loads(state_path.read_text())
+        if state.get("format") != WORK_FORMAT or state.get("fingerprint") != fingerprint:
+            raise ReconstructionError(
+                f"{self.work_dir} belongs to a different run (model, config or calibration data differ); "
+                "resume with the same settings, or use an empty work folder"
+            )
+        done = int(state["next_block"])
+        for index in range(done):
+            layers = self._convert_block(index, trainable=False)
+            tensors = load_file(str(self.work_dir / "blocks" / f"block_{index:04d}.safetensors"))
+            self.blocks[index].load_state_dict(tensors, strict=True, assign=False)
+            for layer in layers:
+                layer.requires_grad_(False)
+        self.result.blocks = [BlockReport(**b) for b in state.get("reports", [])]
+        return done
+
+    def _save_state(self, index: int, inputs: ActivationStore, fp_inputs: ActivationStore | None,
+                    fingerprint: str) -> None:
+        if self.work_dir is None:
+            return
+        blocks_dir = self.work_dir / "blocks"
+        blocks_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.blocks[index].state_dict().items()}
+        tmp = blocks_dir / f"block_{index:04d}.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(blocks_dir / f"block_{index:04d}.safetensors")
+        inputs.save(self.work_dir / "inputs")
+        if fp_inputs is not None:
+            fp_inputs.save(self.work_dir / "fp_inputs")
+        state = {"format": WORK_FORMAT, "fingerprint": fingerprint, "next_block": index + 1,
+                 "reports": [vars(b) for b in self.result.blocks]}
+        tmp_state = self.work_dir / (STATE_FILE + ".tmp")
+        tmp_state.write_text(json.dumps(state, indent=1))
+        tmp_state.replace(self.work_dir / STATE_FILE)
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> ReconstructionResult:
+        self.result = ReconstructionResult()
+        fingerprint = _fingerprint(self.model, self.config, self.tokens, self.opts)
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        start = self._load_state(fingerprint)
+        self.result.resumed_from = start
+        # On resume only one batch is run, for the blocks' arguments; the inputs come from the work folder.
+        capture = self.tokens if start == 0 else self.tokens[: self.batch_size]
+        inputs, kwargs = capture_block_inputs(
+            self.model, self.blocks, capture, self.batch_size, self._spill_dir("inputs_0")
+        )
+        if start > 0:
+            inputs.clear()
+            inputs = ActivationStore.load(self.work_dir / "inputs", self._spill_dir(f"inputs_{start}"))
+        fp_inputs = None
+        if self.opts.targets == "fp_inputs":
+            fp_inputs = (ActivationStore.load(self.work_dir / "fp_inputs", self._spill_dir(f"fp_inputs_{start}"))
+                         if start > 0 else inputs.copy(self._spill_dir("fp_inputs_0")))
+        bar = logging.tqdm(total=len(self.blocks), initial=start, desc="LittleBit calibrating", unit="block",
+                           disable=not self.progress)
+        try:
+            for index in range(start, len(self.blocks)):
+                inputs, fp_inputs = self._run_block(index, inputs, fp_inputs, kwargs[index], fingerprint, bar)
+        finally:
+            bar.close()
+            inputs.clear()
+            if fp_inputs is not None:
+                fp_inputs.clear()
+            if self._tmp_root is not None:
+                shutil.rmtree(self._tmp_root, ignore_errors=True)
+        for plan in self.outside_plans():  # e.g. OPT's project_in/out: no block to calibrate them in
+            dense = self.model.get_submodule(plan.name)
+            layer = new_littlebit_layer(plan, self.config, dense, device=dense.weight.device)
+            layer.set_factors_(factorize_for_layer(dense.weight, plan, self.config))
+            self.model.set_submodule(plan.name, layer)
+            self.result.outside_blocks.append(plan.name)
+        return self.result
+
+    def _run_block(
+        self, index: int, inputs: ActivationStore, fp_inputs: ActivationStore | None, kwargs: dict, fingerprint: str,
+        bar,
+    ) -> tuple[ActivationStore, ActivationStore | None]:
+        t0 = time.perf_counter()
+        block = self.blocks[index]
+        targets = ActivationStore(self._spill_dir(f"targets_{index}"))
+        with torch.no_grad():
+            for x in (fp_inputs if fp_inputs is not None else inputs):
+                targets.append(block_output(block, x.to(self.device), kwargs))
+        layers = self._convert_block(index, trainable=True)
+        before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
+        if layers and self.opts.steps > 0:
+            optimise_block(block, layers, inputs, targets, kwargs, self.opts,
+                           seed=self.config.seed * 1_000_003 + index, device=self.device)
+        for layer in layers:
+            layer.pack_()
+        next_inputs = ActivationStore(self._spill_dir(f"inputs_{index + 1}"))
+        after = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device, next_inputs)
+        inputs.clear()
+        if fp_inputs is not None:  # the fp block's outputs are the fp model's inputs of the next block
+            fp_inputs.clear()
+            fp_inputs = targets.copy(self._spill_dir(f"fp_inputs_{index + 1}"))
+        targets.clear()
+        report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0)
+        self.result.blocks.append(report)
+        self._save_state(index, next_inputs, fp_inputs, fingerprint)
+        bar.set_postfix_str(f"block {index}: loss {before:.4g} → {after:.4g}")
+        bar.update(1)
+        logger.info(f"LittleBit block {index}: {len(layers)} layers, loss {before:.4g} -> {after:.4g} "
+                    f"({report.seconds:.1f} s)")
+        return next_inputs, fp_inputs
