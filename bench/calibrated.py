@@ -1,9 +1,10 @@
 """Calibrated block-wise reconstruction vs data-free quantization on the bundled SmolLM2-135M, with HQQ peers.
 
 usage: python bench/calibrated.py [--bpw 1.0 0.55 0.3 0.1] [--methods littlebit littlebit2]
-                                  [--samples 128] [--seqlen 256] [--steps 100] [--hqq-bits 2 3 4]
+                                  [--samples 32] [--seqlen 256] [--steps 30] [--hqq-bits 2 3 4]
                                   [--max-tokens 8192] [--out bench/results/calibrated.json]
-                                  [--plot bench/results/calibrated.png] [--report-only]
+                                  [--plot bench/results/calibrated.png] [--report-only] [--skip-done]
+                                  [--no-data-free] [--set FIELD=VALUE ...] [--tag SUFFIX]
 
 Every row is measured in this run on the same first ``--max-tokens`` tokens of the test split (2048-token windows):
 the fp model, HQQ at 2/3/4 bits (group 64), and for each bpw × method the data-free model and the calibrated one
@@ -33,11 +34,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3, 0.1])
     ap.add_argument("--methods", nargs="+", default=["littlebit", "littlebit2"])
-    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--no-data-free", action="store_true", help="only the calibrated rows")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="LittleBitConfig fields of the calibrated rows (JSON values): calibration_tune_norms=true")
+    ap.add_argument("--tag", default="", help="suffix of the row names/kinds, to tell variants apart")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--cache-dir")
     ap.add_argument("--out", default="bench/results/calibrated.json")
@@ -63,6 +67,7 @@ def main() -> None:
     train = assets.text("train")
     out.parent.mkdir(parents=True, exist_ok=True)
     done = {r["name"] for r in rows}
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
 
     def record(name: str, kind: str, bpw_target: float | None, model, bits: float, dense: int, seconds: float,
                extra: dict | None = None) -> None:
@@ -94,12 +99,13 @@ def main() -> None:
     for bpw in args.bpw:
         for method in args.methods:
             for calibrated in ((False, True) if not args.no_data_free else (True,)):
-                name = f"{method}-{'calibrated' if calibrated else 'data-free'}-{bpw:g}"
+                variant = f"{'calibrated' if calibrated else 'data-free'}{args.tag if calibrated else ''}"
+                name = f"{method}-{variant}-{bpw:g}"
                 if name in done:
                     continue
                 cfg = hf_littlebit.LittleBitConfig(
                     bpw=bpw, method=method, calibration_samples=args.samples, calibration_seqlen=args.seqlen,
-                    calibration_steps=args.steps,
+                    calibration_steps=args.steps, **(overrides if calibrated else {}),
                 )
                 model = AutoModelForCausalLM.from_pretrained(path)
                 t = time.perf_counter()
@@ -107,12 +113,14 @@ def main() -> None:
                                       progress=False)
                 seconds = time.perf_counter() - t
                 report = hf_littlebit.summary(model)
-                extra = {"method": method, "calibrated": calibrated}
+                extra = {"method": method, "calibrated": calibrated,
+                         **({"samples": args.samples, "seqlen": args.seqlen, "steps": args.steps, **overrides}
+                            if calibrated else {})}
                 blocks = model.hf_quantizer.reconstruction.blocks if calibrated else []
                 if blocks:
                     extra["block_loss_before"] = [round(b.loss_before, 5) for b in blocks]
                     extra["block_loss_after"] = [round(b.loss_after, 5) for b in blocks]
-                record(name, f"{method} {'calibrated' if calibrated else 'data-free'}", bpw, model,
+                record(name, f"{method} {variant}", bpw, model,
                        report.bpw_true * report.converted_params, report.converted_params, seconds, extra)
                 del model
     print(markdown(rows))

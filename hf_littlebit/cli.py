@@ -52,9 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
                      help="block-wise reconstruction on the training split (default when the corpora are available)")
     cal.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="data-free quantization")
-    q.add_argument("--calib-samples", type=int, default=128, help="calibration sequences (default 128)")
+    q.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    q.add_argument("--steps", type=int, default=100, help="optimiser steps per transformer block (default 100)")
+    q.add_argument("--steps", type=int, default=30,
+                   help="optimiser steps per transformer block (default 30: minutes on a CPU; more is better)")
     q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)

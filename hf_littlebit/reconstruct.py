@@ -3,9 +3,9 @@
 For block ``i`` (in order):
 
 1. its inputs ``X`` are the outputs of blocks ``0..i-1`` *as already quantized* (error propagation), for every
-   calibration sequence; the targets are the full-precision block's outputs on the same ``X``
-   (``targets="quantized_inputs"``), or the full-precision *model's* activations at this depth
-   (``targets="fp_inputs"``: the block then also learns to undo the error of the blocks before it);
+   calibration sequence; the targets are the full-precision *model's* activations after this block
+   (``targets="fp_inputs"``, default: the block also learns to undo the error of the blocks before it), or the
+   full-precision block's outputs on the same ``X`` (``targets="quantized_inputs"``);
 2. each convertible ``nn.Linear`` of the block is factorised with the configured method and replaced by a
    :class:`~hf_littlebit.layer.LittleBitLinear` in trainable mode (latent factors, signs through a straight-through
    estimator, fp32 scales);
@@ -65,6 +65,8 @@ class BlockReport:
     loss_before: float
     loss_after: float
     seconds: float
+    delta_error_before: float = float("nan")  # ‖y − t‖² / ‖t − x‖²: error relative to the block's own contribution
+    delta_error_after: float = float("nan")
 
 
 @dataclass
@@ -229,15 +231,20 @@ def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor
 def evaluate_block(
     block: nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict, kind: str,
     device: torch.device, next_inputs: ActivationStore | None = None,
-) -> float:
-    """Mean loss over all batches; with ``next_inputs`` the outputs are also stored for the next block."""
-    total = 0.0
+) -> tuple[float, float]:
+    """Mean loss over all batches, and the error relative to the block's contribution ``‖y − t‖² / ‖t − x‖²``
+    (the residual stream dominates ``‖t‖``, so the loss alone flatters a block). With ``next_inputs`` the outputs
+    are also stored for the next block."""
+    total = err = ref = 0.0
     for x, t in zip(inputs, targets, strict=True):
-        y = block_output(block, x.to(device), kwargs)
-        total += block_loss(y, t.to(device), kind).item()
+        x, t = x.to(device), t.to(device)
+        y = block_output(block, x, kwargs)
+        total += block_loss(y, t, kind).item()
+        err += (y.float() - t.float()).pow(2).sum().item()
+        ref += (t.float() - x.float()).pow(2).sum().item()
         if next_inputs is not None:
             next_inputs.append(y)
-    return total / max(len(inputs), 1)
+    return total / max(len(inputs), 1), err / max(ref, 1e-30)
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -252,7 +259,7 @@ class ReconstructionOptions:
     tune_norms: bool = False
     norm_lr: float = 1e-4
     loss: str = "token_normalized"
-    targets: str = "quantized_inputs"
+    targets: str = "fp_inputs"
     estimator: str = "ste"
     alpha: float = 100.0
     max_activation_gib: float = 4.0
@@ -486,20 +493,20 @@ class BlockReconstructor:
             for x in (fp_inputs if fp_inputs is not None else inputs):
                 targets.append(block_output(block, x.to(self.device), kwargs))
         layers = self._convert_block(index, trainable=True)
-        before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
+        before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
         if layers and self.opts.steps > 0:
             optimise_block(block, layers, inputs, targets, kwargs, self.opts,
                            seed=self.config.seed * 1_000_003 + index, device=self.device)
         for layer in layers:
             layer.pack_()
         next_inputs = ActivationStore(self._spill_dir(f"inputs_{index + 1}"))
-        after = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device, next_inputs)
+        after, delta_after = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device, next_inputs)
         inputs.clear()
         if fp_inputs is not None:  # the fp block's outputs are the fp model's inputs of the next block
             fp_inputs.clear()
             fp_inputs = targets.copy(self._spill_dir(f"fp_inputs_{index + 1}"))
         targets.clear()
-        report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0)
+        report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0, delta_before, delta_after)
         self.result.blocks.append(report)
         self._save_state(index, next_inputs, fp_inputs, fingerprint)
         bar.set_postfix_str(f"block {index}: loss {before:.4g} → {after:.4g}")
