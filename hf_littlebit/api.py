@@ -19,12 +19,13 @@ from transformers.utils import logging
 from .calibration import DEFAULT_SOURCE, calibration_tokens, describe_source
 from .config import LittleBitConfig
 from .integration import (
-    factorize_for_layer,
     littlebit_layers,
     new_littlebit_layer,
     plan_conversion,
+    quantize_layer_,
     resolve_modules_to_not_convert,
 )
+from .modes import make_trainable
 from .quantizer import MODEL_TAGS, LittleBitHfQuantizer
 from .reconstruct import BlockReconstructor, ReconstructionOptions, ReconstructionResult
 
@@ -81,7 +82,7 @@ def convert_model_(
         for plan in plans:
             dense = model.get_submodule(plan.name)
             layer = new_littlebit_layer(plan, config, dense, device=dense.weight.device)
-            layer.set_factors_(factorize_for_layer(dense.weight, plan, config))
+            quantize_layer_(layer, dense.weight, config, plan.name)
             model.set_submodule(plan.name, layer)
             bar.update(1)
         bar.close()
@@ -125,7 +126,11 @@ def attach_quantizer(model: nn.Module, config: LittleBitConfig) -> LittleBitHfQu
         model.config.quantization_config = config
         _assign_is_quantized(model)
     for layer in littlebit_layers(model).values():
-        layer.requires_grad_(False)
+        if not layer.is_trainable:
+            layer.requires_grad_(False)
+    if config.trainable:
+        make_trainable(model, config.sign_estimator, config.smoothsign_alpha)
+    quantizer.bind(model)
     if hasattr(model, "add_model_tags"):
         model.add_model_tags(MODEL_TAGS)
     return quantizer

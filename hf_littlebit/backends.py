@@ -35,19 +35,25 @@ def torch_forward(layer: LittleBitLinear, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
     dtype = compute_dtype_for(x)
     xs = x.reshape(-1, layer.in_features).to(dtype)
+    prefixes = layer.path_prefixes if layer.residual_enabled else layer.path_prefixes[:1]
     y = None
-    for prefix in layer.path_prefixes:
-        if layer.is_trainable:
-            u, v = layer.latent_signs(prefix, dtype)
-        else:
-            u, v = layer.signs(prefix, x.device, dtype)
-        h, l, g = (getattr(layer, prefix + n).to(device=x.device, dtype=dtype) for n in ("h", "l", "g"))  # noqa: E741
-        z = ((xs * g) @ v.T) * l
-        out = (z @ u.T) * h
+    for prefix in prefixes:
+        out = path_forward(layer, prefix, xs, dtype)
         y = out if y is None else y + out
     if layer.bias is not None:
         y = y + layer.bias.to(device=x.device, dtype=dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def path_forward(layer: LittleBitLinear, prefix: str, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One path's ``((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h`` on 2-D ``xs`` already in ``dtype``."""
+    if layer.is_trainable:
+        u, v = layer.latent_signs(prefix, dtype)
+    else:
+        u, v = layer.signs(prefix, xs.device, dtype)
+    h, l, g = (getattr(layer, prefix + n).to(device=xs.device, dtype=dtype) for n in ("h", "l", "g"))  # noqa: E741
+    z = ((xs * g) @ v.T) * l
+    return (z @ u.T) * h
 
 
 BACKENDS: dict[str, Callable[[LittleBitLinear, torch.Tensor], torch.Tensor]] = {"torch": torch_forward}

@@ -77,6 +77,11 @@ class LittleBitConfig(QuantizationConfigMixin):
         sign_estimator: gradient of the sign during calibration and training: ``"ste"`` (clipped identity) or
             ``"smoothsign"`` (derivative of tanh(α x), LittleBit's QAT choice).
         smoothsign_alpha: α of SmoothSign (100 in the paper, for balanced-split latents).
+        trainable: keep the layers in trainable mode after loading/quantizing (fp32 latent factors and scales, signs
+            through ``sign_estimator``) for quantization-aware training with ``Trainer``. Saving packs the signs
+            (the saved folder is the usual packed format), so this is never written to ``config.json``. With a
+            packed checkpoint, ``from_pretrained(path, quantization_config=LittleBitConfig(trainable=True))`` turns
+            it back into trainable mode (this and the two sign-estimator fields are *loading attributes*).
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
     """
@@ -106,6 +111,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_offload_gib: float = 4.0,
         sign_estimator: str = "ste",
         smoothsign_alpha: float = 100.0,
+        trainable: bool = False,
         layer_ranks: dict[str, int] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -135,6 +141,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.calibration_offload_gib = calibration_offload_gib
         self.sign_estimator = sign_estimator
         self.smoothsign_alpha = smoothsign_alpha
+        self.trainable = trainable
         self.layer_ranks = dict(layer_ranks or {})
         self.format_version = format_version
         # Keep unknown keys (written by a newer release) so that a round trip does not drop them.
@@ -216,15 +223,22 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: sign_estimator must be one of {list(ESTIMATORS)}, got {self.sign_estimator!r}"
             )
+        if not isinstance(self.trainable, bool):
+            raise ValueError(f"LittleBitConfig: trainable must be True or False, got {self.trainable!r}")
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; calibration data other than ``"default"`` is never written (only its description)."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "calibration"}
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("calibration", "trainable")}
         out["calibration"] = "default" if isinstance(self.calibration, str) and self.calibration == "default" else None
         return out
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """Fields a user may set when loading a packed checkpoint (merged into the checkpoint's config)."""
+        return {"trainable": self.trainable, "sign_estimator": self.sign_estimator,
+                "smoothsign_alpha": self.smoothsign_alpha}
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

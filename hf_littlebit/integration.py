@@ -138,8 +138,15 @@ def factorize_for_layer(weight: torch.Tensor, plan: LayerPlan | LittleBitLinear,
 
 
 def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: LittleBitConfig, name: str) -> None:
-    """Factor ``weight`` with the configured method and pack the result into ``module``."""
-    module.set_factors_(factorize_for_layer(weight, module, config, name))
+    """Factor ``weight`` with the configured method and pack the result into ``module``.
+
+    With ``config.trainable`` the factoriser's continuous latents seed trainable mode instead (better than signs).
+    """
+    paths = factorize_for_layer(weight, module, config, name)
+    if config.trainable:
+        module.make_trainable_(paths, estimator=config.sign_estimator, alpha=config.smoothsign_alpha)
+    else:
+        module.set_factors_(paths)
 
 
 def new_littlebit_layer(

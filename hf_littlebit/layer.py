@@ -75,6 +75,9 @@ class LittleBitLinear(nn.Module):
         self.backend: str | None = None  # None: follow hf_littlebit.backends' default
         self.sign_estimator: str | None = None  # set in trainable mode
         self._sign_fn = None
+        self._alpha, self._clip = 100.0, 1.0
+        # Runtime switch (trainable mode): QAT may train the main path alone first and enable the residual later.
+        self.residual_enabled = True
         self._sign_cache: dict[tuple, tuple] = {}
         for name, (shape, dtype) in self.expected_tensors().items():
             tensor = torch.zeros(shape, dtype=dtype, device=device)
@@ -131,26 +134,34 @@ class LittleBitLinear(nn.Module):
     @torch.no_grad()
     def set_factors_(self, paths: list[FactorPath]) -> None:
         """Pack factoriser output into this layer (on the paths' device) and drop the fp placeholder."""
-        if len(paths) != len(self.path_prefixes):
-            raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
         if self.is_trainable:
             raise ValueError("set_factors_: the layer is in trainable mode; call pack_() first")
-        for prefix, path in zip(self.path_prefixes, paths, strict=True):
-            self._check_path_shapes(path)
-            values = {
-                "u_bits": pack_signs(path.u),
-                "v_bits": pack_signs(path.v),
-                "h": path.h.to(self.scale_dtype),
-                "l": path.l.to(self.scale_dtype),
-                "g": path.g.to(self.scale_dtype),
-            }
-            for name, value in values.items():
-                param = nn.Parameter(value.contiguous(), requires_grad=False)
-                param._is_hf_initialized = True  # tell Transformers not to re-initialise it
-                self.register_parameter(prefix + name, param)
+        for name, value in self.packed_tensors(paths).items():
+            param = nn.Parameter(value.contiguous(), requires_grad=False)
+            param._is_hf_initialized = True  # tell Transformers not to re-initialise it
+            self.register_parameter(name, param)
         if "weight" in self._parameters:
             del self.weight
         self._sign_cache.clear()
+
+    @torch.no_grad()
+    def packed_tensors(self, paths: list[FactorPath] | None = None) -> dict[str, torch.Tensor]:
+        """The packed format's tensors (name → value) of ``paths``, or of the layer's own current factors.
+
+        Does not modify the layer: a trainable layer is saved through this while it keeps training.
+        """
+        if paths is None:
+            paths = [p.with_scale_dtype(self.scale_dtype, name=type(self).__name__) for p in self.factor_paths()]
+        if len(paths) != len(self.path_prefixes):
+            raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
+        out = {}
+        for prefix, path in zip(self.path_prefixes, paths, strict=True):
+            self._check_path_shapes(path)
+            out[prefix + "u_bits"] = pack_signs(path.u)
+            out[prefix + "v_bits"] = pack_signs(path.v)
+            for name in SCALE_NAMES:
+                out[prefix + name] = getattr(path, name).detach().to(self.scale_dtype)
+        return out
 
     def _check_path_shapes(self, path: FactorPath) -> None:
         if path.u.shape != (self.out_features, self.rank) or path.v.shape != (self.rank, self.in_features):
@@ -218,10 +229,13 @@ class LittleBitLinear(nn.Module):
         stored signs times ``1/alpha`` (SmoothSign's sensitive band) or ``clip/2`` (STE), so every entry can flip.
         """
         sign_fn = sign_estimator(estimator, alpha=alpha, clip=clip)
+        if self.is_trainable:
+            raise ValueError("make_trainable_: the layer is already in trainable mode")
+        self._alpha, self._clip = alpha, clip
         if paths is None:
             if not self.is_packed:
                 raise ValueError("make_trainable_: the layer holds no packed factors and no paths were given")
-            magnitude = 1.0 / alpha if estimator == "smoothsign" else (0.5 * clip if math.isfinite(clip) else 0.01)
+            magnitude = self._latent_magnitude(estimator, alpha, clip)
             paths = [FactorPath(p.u * magnitude, p.v * magnitude, p.h, p.l, p.g) for p in self.factor_paths()]
         if len(paths) != len(self.path_prefixes):
             raise ValueError(f"expected {len(self.path_prefixes)} factor paths, got {len(paths)}")
@@ -252,13 +266,68 @@ class LittleBitLinear(nn.Module):
         """Leave trainable mode: pack the latents' signs, cast the scales to their storage dtype, freeze."""
         if not self.is_trainable:
             return
-        paths = [p.with_scale_dtype(self.scale_dtype, name=type(self).__name__) for p in self.factor_paths()]
+        packed = self.packed_tensors()
         for prefix in self.path_prefixes:
-            for name in LATENT_NAMES:
+            for name in (*LATENT_NAMES, *SCALE_NAMES):
                 del self._parameters[prefix + name]
         self.sign_estimator = None
         self._sign_fn = None
-        self.set_factors_(paths)
+        self.residual_enabled = True
+        for name, value in packed.items():
+            param = nn.Parameter(value.contiguous(), requires_grad=False)
+            param._is_hf_initialized = True
+            self.register_parameter(name, param)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._sign_cache.clear()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        """A trainable layer also accepts the packed format (e.g. a Trainer checkpoint written while training):
+        its latents restart from the stored signs, as :meth:`make_trainable_` does, and its scales load as saved."""
+        if self.is_trainable and f"{prefix}u_bits" in state_dict and f"{prefix}u_latent" not in state_dict:
+            expected = self.expected_tensors()
+            packed = {name: state_dict.pop(prefix + name) for name in expected if prefix + name in state_dict}
+            if len(packed) == len(expected):
+                for name, value in packed.items():
+                    if tuple(value.shape) != expected[name][0]:
+                        error_msgs.append(f"{prefix + name}: packed shape {tuple(value.shape)} does not match the "
+                                          f"layer's {expected[name][0]}")
+                        return
+                self._load_packed_into_latents(packed)
+                for prefix_ in self.path_prefixes:  # now already in place; let the default loader see them
+                    for name in (*LATENT_NAMES, *SCALE_NAMES):
+                        state_dict[prefix + prefix_ + name] = getattr(self, prefix_ + name).detach()
+            else:
+                missing_keys.extend(prefix + n for n in expected if n not in packed)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    @torch.no_grad()
+    def _load_packed_into_latents(self, packed: dict[str, torch.Tensor]) -> None:
+        magnitude = self._latent_magnitude(self.sign_estimator, self._alpha, self._clip)
+        device = self.h.device
+        for prefix in self.path_prefixes:
+            u = unpack_signs(packed[prefix + "u_bits"].to(device), self.rank, torch.float32)
+            v = unpack_signs(packed[prefix + "v_bits"].to(device), self.in_features, torch.float32)
+            getattr(self, prefix + "u_latent").copy_(u * magnitude)
+            getattr(self, prefix + "v_latent").copy_(v * magnitude)
+            for name in SCALE_NAMES:
+                getattr(self, prefix + name).copy_(packed[prefix + name].float())
+
+    @staticmethod
+    def _latent_magnitude(estimator: str, alpha: float, clip: float) -> float:
+        """Size of latents seeded from signs: inside the estimator's sensitive band, so every entry can flip."""
+        if estimator == "smoothsign":
+            return 1.0 / alpha
+        return 0.5 * clip if math.isfinite(clip) else 0.01
+
+    def path_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each path's output (no bias) for input ``x``: e.g. to measure the residual path's share of the output."""
+        from .backends import path_forward
+
+        xs = x.reshape(-1, self.in_features).float()
+        return [path_forward(self, prefix, xs, torch.float32) for prefix in self.path_prefixes]
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:

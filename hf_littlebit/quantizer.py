@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from .integration import (
     resolve_modules_to_not_convert,
 )
 from .layer import LittleBitLinear
+from .modes import LittleBitTrainingError, install_model_methods, is_trainable, make_trainable, packed_state_dict
 
 logger = logging.get_logger(__name__)
 
@@ -86,6 +88,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         self._n_layers = 0
         self.layer_errors: dict[str, str] = {}
         self.reconstruction = None  # report of a calibrated load
+        self._model_ref: weakref.ref | None = None  # the model this quantizer belongs to (for the training flags)
 
     # -------------------------------------------------------------- environment
     def validate_environment(self, *args: Any, **kwargs: Any) -> None:
@@ -155,25 +158,41 @@ class LittleBitHfQuantizer(HfQuantizer):
                 + (f" (and {len(self.layer_errors) - 1} more: {list(self.layer_errors)[1:4]})"
                    if len(self.layer_errors) > 1 else "")
             )
-        unfilled = [name for name, layer in littlebit_layers(model).items() if not layer.is_packed]
+        unfilled = [name for name, layer in littlebit_layers(model).items()
+                    if not (layer.is_packed or layer.is_trainable)]
         if unfilled:
             raise LittleBitCheckpointError(
                 f"{len(unfilled)} LittleBit layer(s) received no weights, e.g. {unfilled[0]}; the checkpoint lacks "
                 "their dense weight (quantize on load) or packed tensors (reload)"
             )
         for layer in littlebit_layers(model).values():
-            layer.requires_grad_(False)  # the loader wraps loaded floats as trainable Parameters
+            if not layer.is_trainable:
+                layer.requires_grad_(False)  # the loader wraps loaded floats as trainable Parameters
+        if self.quantization_config.trainable:
+            make_trainable(model, self.quantization_config.sign_estimator, self.quantization_config.smoothsign_alpha)
+        self.bind(model)
         if hasattr(model, "add_model_tags"):
             model.add_model_tags(MODEL_TAGS)
         return model
 
+    def bind(self, model: torch.nn.Module) -> None:
+        """Remember ``model`` (weakly) and give it ``littlebit_pack()`` / ``littlebit_make_trainable()``."""
+        self._model_ref = weakref.ref(model)
+        install_model_methods(model)
+
     # -------------------------------------------------------------- save / flags
-    def get_state_dict_and_metadata(self, model: torch.nn.Module) -> tuple[None, dict[str, str]]:
-        """Refuse to save anything that would not reload, before a single file is written."""
+    def get_state_dict_and_metadata(
+        self, model: torch.nn.Module
+    ) -> tuple[dict[str, torch.Tensor] | None, dict[str, str]]:
+        """Refuse to save anything that would not reload, before a single file is written.
+
+        A model in trainable mode is saved in the packed format (signs of the latents, scales in storage dtype)
+        without leaving trainable mode, so checkpoints written during training are ordinary littlebit folders.
+        """
         cfg = self.quantization_config
         layers = littlebit_layers(model)
         for name, layer in layers.items():
-            if not layer.is_packed:
+            if not (layer.is_packed or layer.is_trainable):
                 raise ValueError(f"cannot save: LittleBit layer {name} holds no packed factors")
             if cfg.layer_ranks.get(name) != layer.rank:
                 raise ValueError(
@@ -183,19 +202,37 @@ class LittleBitHfQuantizer(HfQuantizer):
         missing = set(cfg.layer_ranks) - set(layers)
         if missing:
             raise ValueError(f"cannot save: config lists LittleBit layers that the model lacks, e.g. {min(missing)}")
-        return None, {"littlebit_format": str(FORMAT_VERSION), "littlebit_method": cfg.method}
+        state_dict = packed_state_dict(model) if is_trainable(model) else None
+        return state_dict, {"littlebit_format": str(FORMAT_VERSION), "littlebit_method": cfg.method}
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:
         return True
 
     @property
     def is_trainable(self) -> bool:
-        # Adapters (PEFT) train on top of the frozen packed layers.
+        # Adapters (PEFT) train on top of the frozen packed layers; QAT trains the layers themselves.
         return True
 
     @property
     def is_qat_trainable(self) -> bool:
-        return False
+        """True when the model's layers are in trainable mode (QAT without adapters).
+
+        ``Trainer`` reads this (only) to decide whether a quantized model without adapters may train. A packed model
+        with neither trainable layers nor adapters gets our error, which names both ways out, instead of the generic
+        one.
+        """
+        model = self._model_ref() if self._model_ref is not None else None
+        if model is None:
+            return bool(self.quantization_config.trainable)
+        if is_trainable(model):
+            return True
+        if _has_adapters(model):
+            return False
+        raise LittleBitTrainingError(
+            "this LittleBit model is packed (inference format) and has nothing to train. For quantization-aware "
+            "training call hf_littlebit.make_trainable(model) (or load with LittleBitConfig(..., trainable=True)); "
+            "to fine-tune adapters instead, wrap it with peft.get_peft_model(model, LoraConfig(...))"
+        )
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
         """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ``."""
@@ -210,3 +247,14 @@ class LittleBitHfQuantizer(HfQuantizer):
                     dense.bias.copy_(layer.bias)
             model.set_submodule(name, dense)
         return model
+
+
+def _has_adapters(model: torch.nn.Module) -> bool:
+    """PEFT adapters attached to ``model`` (through peft or transformers' ``add_adapter``)."""
+    if getattr(model, "_hf_peft_config_loaded", False):
+        return True
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())

@@ -3,6 +3,10 @@
 ``register_quantizer`` raises on a second registration, which a re-import or ``importlib.reload`` triggers, so the
 tables are written directly: our own class (matched by module and qualified name, which survive a reload) is
 replaced silently; anything else already registered under the name is a real conflict and is reported.
+
+LittleBitConfig is also added to ``LOADING_ATTRIBUTES_CONFIG_TYPES``, the tuple of configs whose
+``get_loading_attributes()`` Transformers merges into a checkpoint's config: that is how
+``from_pretrained(packed_dir, quantization_config=LittleBitConfig(trainable=True))`` reaches the quantizer.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ def register() -> None:
                 f"{current.__qualname__}; uninstall the conflicting package or report this to hf-littlebit"
             )
         table[QUANT_METHOD] = cls
+    types = getattr(_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple):
+        _auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (
+            *(t for t in types if not _same_class(t, LittleBitConfig)), LittleBitConfig
+        )
 
 
 def is_registered() -> bool:

@@ -1,0 +1,381 @@
+"""Quantization-aware training with the Hugging Face ``Trainer`` (METHODS.md §2).
+
+* :class:`LittleBitQATCallback` drives QAT around a plain ``Trainer``: it checks the model is trainable, freezes the
+  embeddings and LM head, runs the residual schedule (train the main path alone, then enable — and, with a teacher,
+  re-fit — the residual path at a given step), logs the sign-flip rate and the residual path's share of the output,
+  and packs the model at the end.
+* Distillation is opt-in: hand the callback a frozen full-precision ``teacher`` and use its ``loss`` method as the
+  Trainer's ``compute_loss_func``. The callback runs the teacher on exactly the student's batch (a
+  forward pre-hook on the student) and the loss is logit KL plus weighted per-layer hidden-state MSE
+  (:func:`distillation_loss`). :class:`LittleBitTrainer` wires both for you.
+
+The teacher is never registered as a submodule, so it is never saved, moved by ``Trainer`` or seen by the optimiser.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer, TrainerCallback
+from transformers.utils import logging
+
+from .factorize import FACTORIZERS
+from .integration import layer_seed, littlebit_layers
+from .modes import LittleBitTrainingError, frozen_embedding_params, is_trainable, pack
+from .packing import pack_signs, unpack_signs
+
+logger = logging.get_logger(__name__)
+
+KD_REDUCTIONS = ("batchmean", "token_mean")
+METRIC_KEYS = ("kd_loss", "hidden_mse", "lm_loss", "sign_flip_rate", "residual_share")
+
+
+@dataclass
+class DistillationConfig:
+    """Weights of the distillation loss. Defaults reproduce LittleBit's recipe (METHODS.md §2).
+
+    Attributes:
+        kd_weight: weight of the logit KL(teacher ‖ student).
+        kd_reduction: ``"batchmean"`` (the paper: KL summed over the tokens of a sequence, averaged over sequences,
+            i.e. sequence length × the per-token mean) or ``"token_mean"`` (per-token mean).
+        temperature: softmax temperature of both distributions (the KL is multiplied by T²).
+        hidden_mse_weight: weight λ of the summed per-layer hidden-state MSE (the paper: 10; 0 disables it and
+            skips returning hidden states).
+        lm_loss_weight: weight of the student's own next-token cross-entropy (the paper: 0).
+    """
+
+    kd_weight: float = 1.0
+    kd_reduction: str = "batchmean"
+    temperature: float = 1.0
+    hidden_mse_weight: float = 10.0
+    lm_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.kd_reduction not in KD_REDUCTIONS:
+            raise ValueError(f"kd_reduction must be one of {list(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
+        for name in ("kd_weight", "hidden_mse_weight", "lm_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, num_items: int | torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Next-token cross-entropy summed over label tokens (``-100`` ignored), divided by ``num_items`` (default:
+    the number of label tokens), the normalisation ``Trainer`` expects under gradient accumulation."""
+    shift_logits = logits[..., :-1, :].float().reshape(-1, logits.shape[-1])
+    shift_labels = labels[..., 1:].reshape(-1).to(shift_logits.device)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    denom = num_items if num_items is not None else (shift_labels != -100).sum().clamp(min=1)
+    return total / denom
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_hidden: tuple[torch.Tensor, ...] | None = None,
+    teacher_hidden: tuple[torch.Tensor, ...] | None = None,
+    attention_mask: torch.Tensor | None = None,
+    config: DistillationConfig | None = None,
+    num_items: int | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """KL(teacher ‖ student) on the logits plus λ · Σ_layers MSE of the hidden states.
+
+    Per-token terms are summed over the (unmasked) tokens and divided by ``num_items`` (the Trainer's token count
+    over the accumulated batch) or, by default, by this batch's token count; ``kd_reduction="batchmean"``
+    multiplies the KL by the sequence length as the paper's ``reduction="batchmean"`` does. Hidden states are
+    compared from the first decoder layer's output on (``hidden_states[1:]``), each as a mean over the hidden size.
+    Returns the loss and its parts (floats, for logging).
+    """
+    cfg = config or DistillationConfig()
+    mask = attention_mask.to(student_logits.device).float() if attention_mask is not None else \
+        torch.ones(student_logits.shape[:2], device=student_logits.device)
+    local = mask.sum().clamp(min=1)
+    denom = num_items if num_items is not None else local
+    seq_factor = student_logits.shape[1] if cfg.kd_reduction == "batchmean" else 1
+    t = cfg.temperature
+    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
+    t_logp = F.log_softmax(teacher_logits.to(student_logits.device).float() / t, dim=-1)
+    kl_tok = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1) * (t * t)
+    kd_sum = (kl_tok * mask).sum() * seq_factor
+    loss = cfg.kd_weight * kd_sum / denom
+    # Logged parts are normalised by this batch's own tokens (comparable across accumulation and processes).
+    parts = {"kd_loss": (kd_sum / local).item()}
+    if cfg.hidden_mse_weight > 0 and student_hidden is not None and teacher_hidden is not None:
+        if len(student_hidden) != len(teacher_hidden):
+            raise LittleBitTrainingError(
+                f"student returned {len(student_hidden)} hidden states, teacher {len(teacher_hidden)}: the teacher "
+                "must be the full-precision version of the student"
+            )
+        hidden_sum = student_logits.new_zeros((), dtype=torch.float32)
+        for hs, ht in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
+            per_tok = (hs.float() - ht.to(hs.device).float()).pow(2).mean(-1)
+            hidden_sum = hidden_sum + (per_tok * mask).sum()
+        loss = loss + cfg.hidden_mse_weight * hidden_sum / denom
+        parts["hidden_mse"] = (hidden_sum / local).item()
+    return loss, parts
+
+
+class LittleBitQATCallback(TrainerCallback):
+    """Drives LittleBit QAT around ``Trainer`` (see the module docstring).
+
+    Args:
+        teacher: the full-precision model (same architecture, same tokenizer); frozen, put in eval mode, moved to
+            the training device and cast to the student's dtype. ``None``: plain language-modelling loss.
+        distillation: :class:`DistillationConfig` (defaults: the paper's weights).
+        residual_start_step: train the main path alone until this optimiser step, then enable the residual path
+            (``None`` or 0: both paths from the start). With a teacher the residual path is re-fitted at that step
+            to what the main path leaves of the teacher's weight, by the model's factoriser.
+        freeze_embeddings: freeze input embeddings and LM head (the paper does).
+        pack_at_end: pack the model into the inference format when training ends.
+        probe_rows: random input rows per layer used to measure the residual path's share of the output.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module | None = None,
+        distillation: DistillationConfig | None = None,
+        residual_start_step: int | None = None,
+        freeze_embeddings: bool = True,
+        pack_at_end: bool = True,
+        probe_rows: int = 16,
+    ) -> None:
+        if residual_start_step is not None and residual_start_step < 0:
+            raise ValueError(f"residual_start_step must be ≥ 0, got {residual_start_step}")
+        self.teacher = teacher
+        self.distillation = distillation or DistillationConfig()
+        self.residual_start_step = residual_start_step or 0
+        self.freeze_embeddings = freeze_embeddings
+        self.pack_at_end = pack_at_end
+        self.probe_rows = probe_rows
+        self.model: nn.Module | None = None
+        self._hook = None
+        self._teacher_out: Any = None
+        self._mask: torch.Tensor | None = None
+        self._parts_sum: dict[str, float] = {}
+        self._parts_n = 0
+        self._sign_snapshot: dict[str, list[torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ loss
+    def loss(self, outputs: Any, labels: torch.Tensor | None, num_items_in_batch: Any = None) -> torch.Tensor:
+        """``compute_loss_func`` for ``Trainer``: distillation when a teacher ran on this batch, else the LM loss."""
+        teacher_out, self._teacher_out = self._teacher_out, None
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs.logits
+        lm = causal_lm_loss(logits, labels, num_items_in_batch) if labels is not None else None
+        lm_local = (causal_lm_loss(logits.detach(), labels).item() if num_items_in_batch is not None
+                    else lm.item()) if lm is not None else None
+        if teacher_out is None:
+            if lm is None:
+                raise LittleBitTrainingError("no teacher ran on this batch and it has no labels: nothing to train on")
+            self._accumulate({"lm_loss": lm_local})
+            return lm
+        cfg = self.distillation
+        loss, parts = distillation_loss(
+            logits, teacher_out.logits, getattr(outputs, "hidden_states", None),
+            getattr(teacher_out, "hidden_states", None), self._mask, cfg, num_items_in_batch,
+        )
+        if lm is not None:
+            parts["lm_loss"] = lm_local
+            if cfg.lm_loss_weight > 0:
+                loss = loss + cfg.lm_loss_weight * lm
+        self._accumulate(parts)
+        return loss
+
+    def _accumulate(self, parts: dict[str, float]) -> None:
+        for key, value in parts.items():
+            self._parts_sum[key] = self._parts_sum.get(key, 0.0) + value
+        self._parts_n += 1
+
+    def _run_teacher(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.teacher is None or not module.training or not torch.is_grad_enabled():
+            return None
+        want_hidden = self.distillation.hidden_mse_weight > 0
+        inputs = {k: v for k, v in kwargs.items() if k not in ("labels", "num_items_in_batch", "return_dict")}
+        inputs.update(use_cache=False, output_hidden_states=want_hidden)
+        with torch.no_grad():
+            self._teacher_out = self.teacher(*args, **inputs)
+        self._mask = kwargs.get("attention_mask")
+        if want_hidden:
+            kwargs = {**kwargs, "output_hidden_states": True}
+        return args, kwargs
+
+    # ------------------------------------------------------------------ Trainer events
+    def on_train_begin(self, args, state, control, model: nn.Module | None = None, **kwargs: Any) -> None:
+        self.model = model
+        trainable = is_trainable(model)
+        if not trainable and not _has_trainable_adapters(model):
+            raise LittleBitTrainingError(
+                "LittleBitQATCallback: the model's LittleBit layers are packed; call hf_littlebit.make_trainable("
+                "model) or load with LittleBitConfig(..., trainable=True) (or train PEFT adapters on top)"
+            )
+        if trainable and self.freeze_embeddings:
+            for p in frozen_embedding_params(_base_model(model)):
+                p.requires_grad_(False)
+        if self.teacher is not None:
+            self._prepare_teacher(model, args)
+            self._hook = model.register_forward_pre_hook(self._run_teacher, with_kwargs=True)
+        if trainable and self.residual_start_step > state.global_step:
+            for layer in self._trainable_layers().values():
+                layer.residual_enabled = False
+        self._snapshot_signs()
+
+    def on_step_begin(self, args, state, control, **kwargs: Any) -> None:
+        if self.residual_start_step and state.global_step == self.residual_start_step:
+            self.enable_residual()
+
+    def on_log(self, args, state, control, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs is None or "loss" not in logs or any(k in logs for k in METRIC_KEYS):
+            return  # not a training log, or LittleBitTrainer.log already merged the metrics
+        metrics = self.collect_metrics()
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+
+    def on_train_end(self, args, state, control, **kwargs: Any) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._teacher_out = None
+        if self.pack_at_end and self.model is not None and is_trainable(self.model):
+            pack(_base_model(self.model))
+
+    # ------------------------------------------------------------------ pieces
+    def _prepare_teacher(self, model: nn.Module, args: Any) -> None:
+        teacher = self.teacher
+        teacher.eval()
+        teacher.requires_grad_(False)
+        student_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and p.requires_grad),
+                             None)
+        teacher_dtype = next(p.dtype for p in teacher.parameters() if p.is_floating_point())
+        if student_dtype is not None and teacher_dtype != student_dtype and student_dtype != torch.float32:
+            logger.info(f"LittleBit QAT: casting the teacher from {teacher_dtype} to the student's {student_dtype}")
+            teacher.to(student_dtype)
+        teacher.to(args.device)
+
+    def _trainable_layers(self) -> dict[str, nn.Module]:
+        base = _base_model(self.model)
+        return {name.removesuffix(".base_layer"): layer for name, layer in littlebit_layers(base).items()
+                if layer.is_trainable}
+
+    @torch.no_grad()
+    def enable_residual(self) -> None:
+        """Switch the residual paths on; with a teacher, re-fit each to what the main path leaves of its weight."""
+        refit = 0
+        config = getattr(getattr(_base_model(self.model), "hf_quantizer", None), "quantization_config", None)
+        for name, layer in self._trainable_layers().items():
+            layer.residual_enabled = True
+            if not layer.residual or self.teacher is None:
+                continue
+            dense = _find_linear(self.teacher, name, layer)
+            if dense is None:
+                continue
+            main_w = layer.factor_paths()[0].reconstruct()
+            err = dense.weight.detach().float().to(main_w.device) - main_w
+            method = getattr(config, "method", "littlebit")
+            seed = layer_seed(getattr(config, "seed", 0), name + ".residual")
+            opts = config.factorizer_options() if config is not None else {}
+            path = FACTORIZERS[method](err, layer.rank, torch.Generator(device=err.device).manual_seed(seed), **opts)
+            for key, value in (("u_latent", path.u), ("v_latent", path.v), ("h", path.h), ("l", path.l),
+                               ("g", path.g)):
+                getattr(layer, "res_" + key).copy_(value)
+            refit += 1
+        logger.info(f"LittleBit QAT: residual paths enabled ({refit} re-fitted from the teacher)")
+
+    def _snapshot_signs(self) -> None:
+        self._sign_snapshot = {
+            name: [pack_signs(getattr(layer, p + n).detach()) for p in layer.path_prefixes for n in ("u_latent",
+                                                                                               "v_latent")]
+            for name, layer in self._trainable_layers().items()
+        }
+
+    @torch.no_grad()
+    def sign_flip_rate(self) -> float:
+        """Share of binary factor entries whose sign changed since the last call (then re-snapshots)."""
+        flipped = total = 0
+        for name, layer in self._trainable_layers().items():
+            before = self._sign_snapshot.get(name)
+            tensors = [getattr(layer, p + n).detach() for p in layer.path_prefixes for n in ("u_latent", "v_latent")]
+            if before is not None:
+                for old, new in zip(before, tensors, strict=True):
+                    signs = torch.where(new < 0, -1.0, 1.0)
+                    flipped += (unpack_signs(old, new.shape[1]) != signs).sum().item()
+                    total += new.numel()
+        self._snapshot_signs()
+        return flipped / total if total else 0.0
+
+    @torch.no_grad()
+    def residual_share(self) -> float:
+        """Mean over layers of ‖residual path output‖ / ‖both paths' output‖ on seeded random inputs."""
+        shares = []
+        generator = torch.Generator().manual_seed(0)
+        for layer in self._trainable_layers().values():
+            if not layer.residual:
+                continue
+            if not layer.residual_enabled:
+                shares.append(0.0)
+                continue
+            x = torch.randn(self.probe_rows, layer.in_features, generator=generator).to(layer.h.device)
+            main, res = layer.path_outputs(x)
+            shares.append((res.norm() / (main + res).norm().clamp(min=1e-12)).item())
+        return sum(shares) / len(shares) if shares else 0.0
+
+    def collect_metrics(self) -> dict[str, float]:
+        """Loss parts averaged since the last call, sign-flip rate and residual share (QAT only)."""
+        metrics = {k: v / max(self._parts_n, 1) for k, v in self._parts_sum.items()}
+        self._parts_sum, self._parts_n = {}, 0
+        if self.model is not None and is_trainable(self.model):
+            metrics["sign_flip_rate"] = self.sign_flip_rate()
+            metrics["residual_share"] = self.residual_share()
+        return {k: v for k, v in metrics.items() if math.isfinite(v)}
+
+
+class LittleBitTrainer(Trainer):
+    """``Trainer`` with LittleBit QAT wired in: the callback, and distillation when given a ``teacher``.
+
+    ``LittleBitTrainer(model, args, train_dataset=..., teacher=fp_model)`` is the whole setup; every other
+    argument is ``Trainer``'s. Pass ``qat_callback=LittleBitQATCallback(...)`` to change the schedule.
+    """
+
+    def __init__(self, *args: Any, teacher: nn.Module | None = None,
+                 distillation: DistillationConfig | None = None,
+                 qat_callback: LittleBitQATCallback | None = None, **kwargs: Any) -> None:
+        callback = qat_callback or LittleBitQATCallback(teacher=teacher, distillation=distillation)
+        if qat_callback is not None and teacher is not None:
+            callback.teacher = teacher
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), callback]
+        kwargs.setdefault("compute_loss_func", callback.loss)
+        super().__init__(*args, **kwargs)
+        self.qat_callback = callback
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        # Merge the QAT metrics before the reporters (TensorBoard, W&B...) see the logs.
+        if "loss" in logs:
+            logs.update(self.qat_callback.collect_metrics())
+        super().log(logs, *args, **kwargs)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    """The Transformers model under a PEFT wrapper (or the model itself)."""
+    getter = getattr(model, "get_base_model", None)
+    return getter() if callable(getter) else model
+
+
+def _has_trainable_adapters(model: nn.Module) -> bool:
+    return any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+
+
+def _find_linear(teacher: nn.Module, name: str, layer: nn.Module) -> nn.Linear | None:
+    try:
+        dense = teacher.get_submodule(name)
+    except AttributeError:
+        return None
+    weight = getattr(dense, "weight", None)
+    if weight is None or tuple(weight.shape) != (layer.out_features, layer.in_features):
+        return None
+    return dense
