@@ -1,14 +1,17 @@
 """Quantization-aware training of SmolLM2-135M on the training split, with distillation from the fp model.
 
 usage: python bench/qat.py [--bpw 1.0] [--start calibrated|data-free] [--calib-samples 32] [--calib-steps 30]
-                           [--minutes 20] [--seqlen 256] [--batch 4] [--lr 1e-4] [--estimator smoothsign]
+                           [--minutes 20] [--seqlen 256] [--batch 4] [--lr 1e-4] [--warmup-steps N]
+                           [--estimator smoothsign] [--hidden-loss mse|token_normalized] [--hidden-weight 10]
+                           [--scheduler constant_with_warmup] [--start-dir DIR] [--threads 2]
                            [--max-tokens 8192] [--out bench/results/qat_1.0.json] [--plot bench/results/qat_1.0.png]
 
 Starts from the post-training model (``--start calibrated``: block-wise reconstruction on the training split), measures
 perplexity on the test split (first ``--max-tokens`` tokens, 2048-token windows), trains with
 ``hf_littlebit.LittleBitTrainer`` (teacher = the fp model, the paper's KD loss) on non-overlapping ``--seqlen``-token
 chunks of the training split for ``--minutes`` of wall time (constant lr after 2% warmup), packs, measures again, and
-writes the numbers, tokens seen and the loss curve.
+writes the numbers, tokens seen and the loss curve. ``--start-dir`` caches the post-training model (saved packed
+on the first run, reloaded by later runs), so several QAT settings can start from the same model.
 """
 
 from __future__ import annotations
@@ -54,7 +57,13 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--warmup-steps", type=int, help="default: 2%% of one epoch over the tokenised prefix")
     ap.add_argument("--estimator", default="smoothsign")
+    ap.add_argument("--hidden-loss", default="mse", choices=["mse", "token_normalized"])
+    ap.add_argument("--hidden-weight", type=float, default=10.0)
+    ap.add_argument("--scheduler", default="constant_with_warmup")
+    ap.add_argument("--start-dir", help="save the post-training model here, or reload it if already saved")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--cache-dir")
     ap.add_argument("--out")
@@ -62,7 +71,7 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out or f"bench/results/qat_{args.bpw:g}.json")
     plot_path = Path(args.plot or out.with_suffix(".png"))
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
@@ -74,13 +83,21 @@ def main() -> None:
 
     teacher = AutoModelForCausalLM.from_pretrained(path)
     fp_ppl = perplexity(teacher, token_ids=test_ids, seqlen=2048, progress=False).ppl
-    student = AutoModelForCausalLM.from_pretrained(path)
-    cfg = hf_littlebit.LittleBitConfig(bpw=args.bpw, method=args.method, calibration_samples=args.calib_samples,
-                                       calibration_steps=args.calib_steps, sign_estimator=args.estimator)
+    start_dir = Path(args.start_dir) if args.start_dir else None
     t = time.perf_counter()
-    hf_littlebit.quantize(student, cfg, calibration=train_text if args.start == "calibrated" else None,
-                          tokenizer=tok, progress=False)
-    seconds_ptq = time.perf_counter() - t
+    if start_dir is not None and (start_dir / "config.json").exists():
+        student = AutoModelForCausalLM.from_pretrained(start_dir)
+        seconds_ptq = json.loads((start_dir / "post_training.json").read_text())["seconds"]
+    else:
+        student = AutoModelForCausalLM.from_pretrained(path)
+        cfg = hf_littlebit.LittleBitConfig(bpw=args.bpw, method=args.method, calibration_samples=args.calib_samples,
+                                           calibration_steps=args.calib_steps, sign_estimator=args.estimator)
+        hf_littlebit.quantize(student, cfg, calibration=train_text if args.start == "calibrated" else None,
+                              tokenizer=tok, progress=False)
+        seconds_ptq = time.perf_counter() - t
+        if start_dir is not None:
+            student.save_pretrained(start_dir)
+            (start_dir / "post_training.json").write_text(json.dumps({"seconds": seconds_ptq}))
     ppl_before = perplexity(student, token_ids=test_ids, seqlen=2048, progress=False).ppl
     print(f"fp {fp_ppl:.2f}  post-training ({args.start}) {ppl_before:.4g}  [{seconds_ptq:.0f} s]", flush=True)
 
@@ -92,11 +109,14 @@ def main() -> None:
     hf_littlebit.make_trainable(student, estimator=args.estimator)
     targs = TrainingArguments(
         output_dir=str(out.parent / "qat_run"), per_device_train_batch_size=args.batch, learning_rate=args.lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=max(1, int(0.02 * len(data) / args.batch)),
+        lr_scheduler_type=args.scheduler,
+        warmup_steps=args.warmup_steps if args.warmup_steps is not None else max(1, int(0.02 * len(data) / args.batch)),
         num_train_epochs=1, logging_steps=5, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
         seed=0, max_grad_norm=1.0,
     )
+    distill = hf_littlebit.DistillationConfig(hidden_loss=args.hidden_loss, hidden_mse_weight=args.hidden_weight)
     trainer = hf_littlebit.LittleBitTrainer(model=student, args=targs, train_dataset=data, teacher=teacher,
+                                            distillation=distill,
                                             callbacks=[TimeBudget(args.minutes * 60)])
     t = time.perf_counter()
     trainer.train()
@@ -109,7 +129,8 @@ def main() -> None:
         "bpw_target": args.bpw, "bpw_true": summary.bpw_true, "method": args.method, "start": args.start,
         "fp_ppl": fp_ppl, "ppl_before": ppl_before, "ppl_after": ppl_after, "log_gap_closed": gap_closed,
         "steps": steps, "tokens_seen": steps * args.batch * args.seqlen, "seconds_post_training": seconds_ptq,
-        "seconds_qat": seconds_qat, "lr": args.lr, "estimator": args.estimator, "seqlen": args.seqlen,
+        "seconds_qat": seconds_qat, "lr": args.lr, "scheduler": args.scheduler, "estimator": args.estimator,
+        "hidden_loss": args.hidden_loss, "hidden_weight": args.hidden_weight, "seqlen": args.seqlen,
         "batch": args.batch, "history": [h for h in trainer.state.log_history if "loss" in h],
     }
     out.parent.mkdir(parents=True, exist_ok=True)

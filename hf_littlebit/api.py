@@ -21,6 +21,7 @@ from .config import LittleBitConfig
 from .integration import (
     littlebit_layers,
     new_littlebit_layer,
+    note_data_free,
     plan_conversion,
     quantize_layer_,
     resolve_modules_to_not_convert,
@@ -78,6 +79,7 @@ def convert_model_(
     config.layer_ranks = {p.name: p.rank for p in plans}
 
     if calibration is None:
+        note_data_free(config)
         bar = logging.tqdm(total=len(plans), desc="LittleBit quantizing", unit="layer", disable=not progress)
         for plan in plans:
             dense = model.get_submodule(plan.name)

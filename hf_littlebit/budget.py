@@ -62,6 +62,20 @@ def choose_rank(
     return RankChoice(rank=min(rank, limit), rank_from_budget=raw, floored=raw < min_rank, capped=rank > limit)
 
 
+def dbf_rank(
+    d_in: int, d_out: int, bpw: float, residual: bool, factor: float = 1.0, min_rank: int = 8
+) -> RankChoice:
+    """DBF's middle dimension (METHODS.md §6.1): ``⌊bpw · d_in d_out / (d_in + d_out)⌋``, split over the paths.
+
+    The rule charges only the sign bits (the scale vectors are free), does not round to a multiple of 8 and is not
+    capped at ``min(d_in, d_out)``: DBF optimises the signs directly, so a middle dimension above the smaller side
+    still adds accuracy (that is how DBF reaches 2 bpw and beyond).
+    """
+    paths = 2 if residual else 1
+    raw = int(bpw * d_in * d_out / (d_in + d_out) / paths * factor)
+    return RankChoice(rank=max(raw, min_rank), rank_from_budget=raw, floored=raw < min_rank, capped=False)
+
+
 def paper_bpw(d_in: int, d_out: int, rank: int, residual: bool) -> float:
     """Bits per weight as the paper accounts them (no padding, one 16-bit latent vector per path)."""
     paths = 2 if residual else 1

@@ -1,6 +1,6 @@
 """The ``littlebit`` command (also ``python -m hf_littlebit``).
 
-    littlebit quantize [MODEL] --bpw 0.55 [--method M] [--no-residual] [--out DIR] [--eval] [--max-tokens N] [--json]
+    littlebit quantize [MODEL] --bpw 0.55 [--method M] [--[no-]residual] [--out DIR] [--eval] [--max-tokens N] [--json]
                        [--calibrate | --no-calibrate] [--calib-samples N] [--calib-seqlen L] [--steps S]
                        [--work-dir DIR] [--resume]
     littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]
@@ -40,9 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, save it, optionally measure perplexity")
     q.add_argument("model", nargs="?", default=None, help="folder or Hub id (default: bundled SmolLM2-135M)")
     q.add_argument("--bpw", type=float, default=0.55, help="target bits per weight (default 0.55)")
-    q.add_argument("--method", default="littlebit", help="littlebit (Dual-SVID) or littlebit2 (Joint-ITQ)")
+    q.add_argument("--method", default="littlebit",
+                   help="littlebit (Dual-SVID), littlebit2 (Joint-ITQ) or dbf (Double Binary Factorization)")
     q.add_argument("--itq-iterations", type=int, default=50, help="Joint-ITQ iterations of littlebit2")
-    q.add_argument("--no-residual", action="store_true", help="one binary path instead of two")
+    q.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
+                   help="two binary paths (--residual) or one (--no-residual); default: the method's own choice "
+                        "(on for littlebit/littlebit2, off for dbf)")
+    q.add_argument("--dbf-iterations", type=int, default=100, help="outer ADMM alternations of dbf")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -141,7 +145,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .hub import save_pretrained
     from .summary import summary
 
-    config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=not args.no_residual, seed=args.seed,
+    config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=args.residual, seed=args.seed,
+                             dbf_iterations=args.dbf_iterations,
                              itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
                              calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps)
     path = resolve_model(args.model, args.cache_dir)
@@ -150,7 +155,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     label = Path(path).name if Path(path).is_dir() else path.replace("/", "--")
     out = Path(args.out or Path("littlebit-out") / f"{label}-{args.bpw:g}bpw")
     result: dict[str, Any] = {"model": args.model or "smollm2-135m-instruct (bundled)", "model_path": path,
-                              "method": args.method, "residual": not args.no_residual, "bpw_target": args.bpw,
+                              "method": args.method, "residual": config.residual, "bpw_target": args.bpw,
                               "calibrated": calibration is not None}
     text = tokenizer = None
     if args.eval:

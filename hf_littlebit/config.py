@@ -16,8 +16,8 @@ QUANT_METHOD = "littlebit"
 FORMAT_VERSION = 1
 
 # Methods whose factoriser exists; the others are reserved names that a later release fills in.
-AVAILABLE_METHODS = ("littlebit", "littlebit2")
-PLANNED_METHODS = ("dbf",)
+AVAILABLE_METHODS = ("littlebit", "littlebit2", "dbf")
+PLANNED_METHODS: tuple[str, ...] = ()
 
 CALIBRATION_LOSSES = ("token_normalized", "mse")
 CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
@@ -39,9 +39,11 @@ class LittleBitConfig(QuantizationConfigMixin):
     Args:
         bpw: target bits per weight of every converted ``nn.Linear`` (0 < bpw ≤ 16). The rank of each layer follows
             from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
-        method: how the binary factors are found: ``"littlebit"`` (Dual-SVID) or ``"littlebit2"`` (Internal Latent
-            Rotation with Joint-ITQ, then Dual-SVID; same stored format). ``"dbf"`` is reserved.
+        method: how the binary factors are found: ``"littlebit"`` (Dual-SVID), ``"littlebit2"`` (Internal Latent
+            Rotation with Joint-ITQ, then Dual-SVID) or ``"dbf"`` (Double Binary Factorization: signs optimised
+            by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.budget.dbf_rank`). Same stored format.
         residual: add a second binary path fitted to the first path's error (the budget is split between both).
+            ``None`` (default): the method's own choice, on for ``"littlebit"``/``"littlebit2"``, off for ``"dbf"``.
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
             Embeddings and norms are never converted (they are not ``nn.Linear``).
@@ -50,6 +52,10 @@ class LittleBitConfig(QuantizationConfigMixin):
         min_rank: floor of the rank (layers too small for the target get this rank and a warning).
         seed: seed of every random choice (per layer it is mixed with the layer name).
         itq_iterations: Joint-ITQ iterations of ``"littlebit2"`` (default 50; most of the gain comes in the first 10).
+        dbf_iterations: outer alternations of ``"dbf"`` (default 100; the authors use 260, little changes after 100).
+        activation_aware: weight each layer's factorisation by the mean squared input activation of its channels,
+            measured on the calibration data (needs ``calibration``); the fit then minimises the layer's output error
+            instead of its weight error. ``None`` (default): on for ``"dbf"`` (its published recipe), off otherwise.
         scale_dtype: storage dtype of the scale vectors h, l, g: ``"float16"`` (default), ``"bfloat16"``,
             ``"float32"``.
         calibration: calibration data for block-wise reconstruction (:mod:`hf_littlebit.reconstruct`): ``"default"``
@@ -90,13 +96,15 @@ class LittleBitConfig(QuantizationConfigMixin):
         self,
         bpw: float = 1.0,
         method: str = "littlebit",
-        residual: bool = True,
+        residual: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
         bpw_multipliers: dict[str, float] | None = None,
         kv_factor: float = 1.0,
         min_rank: int = 8,
         seed: int = 0,
         itq_iterations: int = 50,
+        dbf_iterations: int = 100,
+        activation_aware: bool | None = None,
         scale_dtype: str = "float16",
         calibration: Any = None,
         calibration_samples: int = 64,
@@ -127,6 +135,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.min_rank = min_rank
         self.seed = seed
         self.itq_iterations = itq_iterations
+        self.dbf_iterations = dbf_iterations
+        self.activation_aware = activation_aware
         self.scale_dtype = str(scale_dtype).removeprefix("torch.")
         self.calibration = calibration
         self.calibration_samples = calibration_samples
@@ -163,6 +173,15 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: unknown method {self.method!r}; choose one of {list(AVAILABLE_METHODS)}"
             )
+        if self.residual is None:
+            self.residual = self.method != "dbf"
+        if self.activation_aware is None:
+            self.activation_aware = self.method == "dbf"
+        if not isinstance(self.activation_aware, bool):
+            raise ValueError(f"LittleBitConfig: activation_aware must be True, False or None, got "
+                             f"{self.activation_aware!r}")
+        if not _is_int(self.dbf_iterations) or self.dbf_iterations < 1:
+            raise ValueError(f"LittleBitConfig: dbf_iterations must be a positive integer, got {self.dbf_iterations!r}")
         if not isinstance(self.residual, bool):
             raise ValueError(f"LittleBitConfig: residual must be True or False, got {self.residual!r}")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -246,7 +265,11 @@ class LittleBitConfig(QuantizationConfigMixin):
 
     def factorizer_options(self) -> dict:
         """Method-specific keyword arguments for the factoriser."""
-        return {"n_iter": self.itq_iterations} if self.method == "littlebit2" else {}
+        if self.method == "littlebit2":
+            return {"n_iter": self.itq_iterations}
+        if self.method == "dbf":
+            return {"n_iter": self.dbf_iterations}
+        return {}
 
     def rank_factor(self, module_name: str) -> float:
         """Product of every multiplier whose pattern matches ``module_name`` (``re.search``)."""

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
-from .budget import choose_rank
+from .budget import choose_rank, dbf_rank
 from .config import LittleBitConfig
 from .factorize import FactorPath, factorize
 from .layer import LittleBitLinear
@@ -85,7 +85,8 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
     for name, module in linears.items():
         if not should_convert_module(name, skip):
             continue
-        choice = choose_rank(
+        rule = dbf_rank if config.method == "dbf" else choose_rank
+        choice = rule(
             module.in_features, module.out_features, config.bpw, config.residual,
             factor=config.rank_factor(name), min_rank=config.min_rank,
         )
@@ -127,14 +128,28 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def factorize_for_layer(weight: torch.Tensor, plan: LayerPlan | LittleBitLinear, config: LittleBitConfig,
-                        name: str | None = None) -> list[FactorPath]:
-    """The configured method's factor paths (with continuous latents) for one layer's dense ``weight``."""
+                        name: str | None = None, input_importance: torch.Tensor | None = None) -> list[FactorPath]:
+    """The configured method's factor paths (with continuous latents) for one layer's dense ``weight``.
+
+    ``input_importance`` (mean squared input per channel, from calibration) is used when the config is
+    ``activation_aware``."""
     name = name or getattr(plan, "name", "weight")
     return factorize(
         weight, plan.rank, method=config.method, residual=config.residual,
         seed=layer_seed(config.seed, name), scale_dtype=config.torch_scale_dtype, name=name,
         options=config.factorizer_options(),
+        input_importance=input_importance if config.activation_aware else None,
     )
+
+
+def note_data_free(config: LittleBitConfig) -> None:
+    """Say that an activation-aware config falls back to unweighted factorisation without calibration data."""
+    if config.activation_aware:
+        logger.warning(
+            f"LittleBit: method={config.method!r} is activation-aware but no calibration data was given, so the "
+            "layers are factorised unweighted (weight error instead of output error). Pass calibration='default' "
+            "(or your own text) to weight them, or activation_aware=False to silence this."
+        )
 
 
 def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: LittleBitConfig, name: str) -> None:

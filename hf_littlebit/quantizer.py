@@ -24,6 +24,7 @@ from .integration import (
     LittleBitCheckpointError,
     check_checkpoint_tensors,
     littlebit_layers,
+    note_data_free,
     plan_conversion,
     quantize_layer_,
     replace_linears,
@@ -118,6 +119,7 @@ class LittleBitHfQuantizer(HfQuantizer):
             return  # the fp model loads as is; _process_model_after_weight_loading converts it
         default_skips = self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
         if not self.pre_quantized:
+            note_data_free(cfg)
             cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, default_skips)
         plans = plan_conversion(model, cfg, cfg.modules_to_not_convert or [], self.pre_quantized)
         if not self.pre_quantized:

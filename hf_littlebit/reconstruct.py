@@ -38,6 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import logging
 
+from .activation_stats import InputSecondMoments
 from .config import LittleBitConfig
 from .integration import LayerPlan, factorize_for_layer, new_littlebit_layer
 from .layer import LittleBitLinear
@@ -383,13 +384,15 @@ class BlockReconstructor:
             self._tmp_root = Path(tempfile.mkdtemp(prefix="littlebit-activations-"))
         return self._tmp_root / name
 
-    def _convert_block(self, index: int, trainable: bool) -> list[LittleBitLinear]:
+    def _convert_block(self, index: int, trainable: bool,
+                       importance: dict[str, torch.Tensor] | None = None) -> list[LittleBitLinear]:
         layers = []
         for plan in self.block_plans(index):
             dense = self.model.get_submodule(plan.name)
             layer = new_littlebit_layer(plan, self.config, dense, device=self.device)
             if trainable:
-                paths = factorize_for_layer(dense.weight, plan, self.config)
+                paths = factorize_for_layer(dense.weight, plan, self.config,
+                                            input_importance=(importance or {}).get(plan.name))
                 layer.make_trainable_(paths, estimator=self.opts.estimator, alpha=self.opts.alpha)
             layers.append(layer)
             self.model.set_submodule(plan.name, layer)
@@ -489,10 +492,13 @@ class BlockReconstructor:
         t0 = time.perf_counter()
         block = self.blocks[index]
         targets = ActivationStore(self._spill_dir(f"targets_{index}"))
-        with torch.no_grad():
+        # The fp block's pass that makes the targets also measures its layers' input statistics (activation-aware).
+        watched = {p.name: self.model.get_submodule(p.name) for p in self.block_plans(index)} \
+            if self.config.activation_aware else {}
+        with torch.no_grad(), InputSecondMoments(watched) as stats:
             for x in (fp_inputs if fp_inputs is not None else inputs):
                 targets.append(block_output(block, x.to(self.device), kwargs))
-        layers = self._convert_block(index, trainable=True)
+        layers = self._convert_block(index, trainable=True, importance=stats.mean())
         before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
         if layers and self.opts.steps > 0:
             optimise_block(block, layers, inputs, targets, kwargs, self.opts,

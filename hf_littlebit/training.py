@@ -32,6 +32,7 @@ from .packing import pack_signs, unpack_signs
 logger = logging.get_logger(__name__)
 
 KD_REDUCTIONS = ("batchmean", "token_mean")
+HIDDEN_LOSSES = ("mse", "token_normalized")
 METRIC_KEYS = ("kd_loss", "hidden_mse", "lm_loss", "sign_flip_rate", "residual_share")
 
 
@@ -46,6 +47,9 @@ class DistillationConfig:
         temperature: softmax temperature of both distributions (the KL is multiplied by T²).
         hidden_mse_weight: weight λ of the summed per-layer hidden-state MSE (the paper: 10; 0 disables it and
             skips returning hidden states).
+        hidden_loss: ``"mse"`` (the paper: mean squared error over the hidden size) or ``"token_normalized"``
+            (‖h_s − h_t‖² / ‖h_t‖² per token: on models with massive activations, e.g. SmolLM2's first token with a
+            hidden-state norm ~10⁴, plain MSE is dominated by a few tokens and its gradient swamps the KL).
         lm_loss_weight: weight of the student's own next-token cross-entropy (the paper: 0).
     """
 
@@ -53,11 +57,14 @@ class DistillationConfig:
     kd_reduction: str = "batchmean"
     temperature: float = 1.0
     hidden_mse_weight: float = 10.0
+    hidden_loss: str = "mse"
     lm_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kd_reduction not in KD_REDUCTIONS:
             raise ValueError(f"kd_reduction must be one of {list(KD_REDUCTIONS)}, got {self.kd_reduction!r}")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise ValueError(f"hidden_loss must be one of {list(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
         for name in ("kd_weight", "hidden_mse_weight", "lm_loss_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be ≥ 0, got {getattr(self, name)}")
@@ -90,7 +97,8 @@ def distillation_loss(
     Per-token terms are summed over the (unmasked) tokens and divided by ``num_items`` (the Trainer's token count
     over the accumulated batch) or, by default, by this batch's token count; ``kd_reduction="batchmean"``
     multiplies the KL by the sequence length as the paper's ``reduction="batchmean"`` does. Hidden states are
-    compared from the first decoder layer's output on (``hidden_states[1:]``), each as a mean over the hidden size.
+    compared from the first decoder layer's output on (``hidden_states[1:]``), each as a mean over the hidden size
+    (``hidden_loss="mse"``) or relative to the teacher's squared norm (``"token_normalized"``).
     Returns the loss and its parts (floats, for logging).
     """
     cfg = config or DistillationConfig()
@@ -115,7 +123,9 @@ def distillation_loss(
             )
         hidden_sum = student_logits.new_zeros((), dtype=torch.float32)
         for hs, ht in zip(student_hidden[1:], teacher_hidden[1:], strict=True):
-            per_tok = (hs.float() - ht.to(hs.device).float()).pow(2).mean(-1)
+            ht = ht.to(hs.device).float()
+            sq = (hs.float() - ht).pow(2)
+            per_tok = sq.mean(-1) if cfg.hidden_loss == "mse" else sq.sum(-1) / ht.pow(2).sum(-1).clamp_min(1e-12)
             hidden_sum = hidden_sum + (per_tok * mask).sum()
         loss = loss + cfg.hidden_mse_weight * hidden_sum / denom
         parts["hidden_mse"] = (hidden_sum / local).item()

@@ -21,8 +21,7 @@ def test_bpw_bounds_accepted():
 def test_methods():
     with pytest.raises(ValueError, match="unknown method 'svd'"):
         LittleBitConfig(method="svd")
-    with pytest.raises(NotImplementedError, match="dbf"):
-        LittleBitConfig(method="dbf")
+    assert LittleBitConfig(method="dbf").factorizer_options() == {"n_iter": 100}
     assert LittleBitConfig(method="littlebit2").factorizer_options() == {"n_iter": 50}
     assert LittleBitConfig(method="littlebit").factorizer_options() == {}
 

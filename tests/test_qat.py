@@ -141,6 +141,22 @@ def test_distillation_loss_zero_for_identical_models_and_batchmean_scales_with_l
     assert batchmean.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
+def test_token_normalized_hidden_loss_is_relative_per_token():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 7)
+    teacher = torch.randn(1, 3, 4)
+    teacher[0, 0] *= 1e4  # one massive-activation token
+    student = teacher * 1.1  # 10% error on every token
+    hidden_s, hidden_t = (teacher, student), (teacher, teacher)
+    relative = DistillationConfig(hidden_loss="token_normalized", hidden_mse_weight=1.0)
+    _, parts = distillation_loss(logits, logits, hidden_s, hidden_t, config=relative)
+    assert parts["hidden_mse"] == pytest.approx(0.01, rel=1e-4)  # same for every token, whatever its norm
+    _, plain = distillation_loss(logits, logits, hidden_s, hidden_t, config=DistillationConfig())
+    assert plain["hidden_mse"] > 1e4 * parts["hidden_mse"]  # plain MSE is dominated by the massive token
+    with pytest.raises(ValueError, match="hidden_loss"):
+        DistillationConfig(hidden_loss="l1")
+
+
 def test_kd_trainer_lowers_the_distillation_loss_on_a_fixed_batch(fp_checkpoint, tmp_path):
     teacher = AutoModelForCausalLM.from_pretrained(fp_checkpoint("llama"))
     student = _trainable(fp_checkpoint("llama"), sign_estimator="smoothsign")

@@ -2,7 +2,8 @@
 
 Every method maps ``(weight, rank, generator) → FactorPath``; :func:`factorize` adds what they share: fp32
 compute, the residual path fitted to what the main path (with its scales already rounded to storage precision)
-leaves over, and the cast of the scales to their storage dtype. New methods register in :data:`FACTORIZERS`.
+leaves over, the optional importance weighting of the input channels, and the cast of the scales to their storage
+dtype. New methods register in :data:`FACTORIZERS`.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 
 from .base import FactorPath, binary_sign, relative_error
+from .dbf import dbf
 from .dual_svid import dual_svid
 from .joint_itq import joint_itq
 
@@ -22,6 +24,7 @@ Factorizer = Callable[..., FactorPath]
 FACTORIZERS: dict[str, Factorizer] = {
     "littlebit": dual_svid,
     "littlebit2": joint_itq,
+    "dbf": dbf,
 }
 
 __all__ = ["FACTORIZERS", "FactorPath", "binary_sign", "factorize", "relative_error"]
@@ -36,11 +39,17 @@ def factorize(
     scale_dtype: torch.dtype = torch.float16,
     name: str = "weight",
     options: dict[str, Any] | None = None,
+    input_importance: torch.Tensor | None = None,
 ) -> list[FactorPath]:
     """Factor ``weight`` (d_out × d_in) into one path, or two with ``residual=True``.
 
     ``options`` are passed to the method (e.g. ``n_iter`` for ``littlebit2``); ``name`` only serves error messages
     (NaN/Inf in the weight, scale overflow). The residual path gets its own fit (with LittleBit-2 its own rotation).
+
+    ``input_importance`` (d_in, non-negative; e.g. the mean squared input activation of each channel) makes the fit
+    activation-aware: the method factors ``W diag(s)`` with ``s = √importance`` — whose error is the layer's output
+    error on inputs with those second moments — and ``s`` is divided back out of the input scale ``g``. Signs,
+    latents and the stored format are unchanged.
     """
     if method not in FACTORIZERS:
         raise ValueError(f"unknown factorisation method {method!r}; available: {sorted(FACTORIZERS)}")
@@ -52,11 +61,33 @@ def factorize(
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{name}: weight contains {bad} NaN/Inf values; fix the checkpoint before quantizing")
+    col = _importance_scale(input_importance, w, name)
     fit = FACTORIZERS[method]
     opts = options or {}
     generator = torch.Generator(device=w.device).manual_seed(seed)
-    main = fit(w, rank, generator, **opts).with_scale_dtype(scale_dtype, name)
-    paths = [main]
-    if residual:
-        paths.append(fit(w - main.reconstruct(), rank, generator, **opts).with_scale_dtype(scale_dtype, name))
+    target = w * col[None, :] if col is not None else w
+    paths = []
+    for _ in range(2 if residual else 1):
+        path = _unweight(fit(target, rank, generator, **opts), col).with_scale_dtype(scale_dtype, name)
+        paths.append(path)
+        # the residual fits what the stored main path (scales rounded) leaves over, in the same weighted norm
+        target = target - (path.reconstruct() * col[None, :] if col is not None else path.reconstruct())
     return paths
+
+
+def _importance_scale(importance: torch.Tensor | None, w: torch.Tensor, name: str) -> torch.Tensor | None:
+    """``√importance`` (fp32, on the weight's device), with the floor that keeps every channel represented."""
+    if importance is None:
+        return None
+    imp = importance.detach().float().to(w.device).flatten()
+    if imp.numel() != w.shape[1]:
+        raise ValueError(f"{name}: input_importance has {imp.numel()} entries, the weight {w.shape[1]} input channels")
+    if not torch.isfinite(imp).all() or (imp < 0).any():
+        raise ValueError(f"{name}: input_importance must be finite and non-negative")
+    scale = imp.sqrt()
+    # A channel never seen active keeps a small weight (relative to the mean) so g stays finite when divided back.
+    return scale.clamp_min(1e-3 * scale.mean().clamp_min(1e-12))
+
+
+def _unweight(path: FactorPath, col: torch.Tensor | None) -> FactorPath:
+    return path if col is None else FactorPath(path.u, path.v, path.h, path.l, path.g / col)
