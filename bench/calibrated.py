@@ -40,8 +40,8 @@ def main() -> None:
     ap.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
     ap.add_argument("--no-data-free", action="store_true", help="only the calibrated rows")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                    help="LittleBitConfig fields of the calibrated rows (JSON values): calibration_tune_norms=true")
-    ap.add_argument("--tag", default="", help="suffix of the row names/kinds, to tell variants apart")
+                    help="LittleBitConfig fields of the new rows (JSON values): calibration_tune_norms=true")
+    ap.add_argument("--tag", default="", help="suffix of the new rows' names/kinds, to tell variants apart")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--cache-dir")
     ap.add_argument("--out", default="bench/results/calibrated.json")
@@ -99,13 +99,13 @@ def main() -> None:
     for bpw in args.bpw:
         for method in args.methods:
             for calibrated in ((False, True) if not args.no_data_free else (True,)):
-                variant = f"{'calibrated' if calibrated else 'data-free'}{args.tag if calibrated else ''}"
+                variant = f"{'calibrated' if calibrated else 'data-free'}{args.tag}"
                 name = f"{method}-{variant}-{bpw:g}"
                 if name in done:
                     continue
                 cfg = hf_littlebit.LittleBitConfig(
                     bpw=bpw, method=method, calibration_samples=args.samples, calibration_seqlen=args.seqlen,
-                    calibration_steps=args.steps, **(overrides if calibrated else {}),
+                    calibration_steps=args.steps, **overrides,
                 )
                 model = AutoModelForCausalLM.from_pretrained(path)
                 t = time.perf_counter()
@@ -114,8 +114,8 @@ def main() -> None:
                 seconds = time.perf_counter() - t
                 report = hf_littlebit.summary(model)
                 extra = {"method": method, "calibrated": calibrated,
-                         **({"samples": args.samples, "seqlen": args.seqlen, "steps": args.steps, **overrides}
-                            if calibrated else {})}
+                         **overrides, **({"samples": args.samples, "seqlen": args.seqlen, "steps": args.steps}
+                                         if calibrated else {})}
                 blocks = model.hf_quantizer.reconstruction.blocks if calibrated else []
                 if blocks:
                     extra["block_loss_before"] = [round(b.loss_before, 5) for b in blocks]

@@ -19,6 +19,7 @@ from transformers.utils import logging
 from .calibration import DEFAULT_SOURCE, calibration_tokens, describe_source
 from .config import LittleBitConfig
 from .integration import (
+    allocate_plans,
     littlebit_layers,
     new_littlebit_layer,
     note_data_free,
@@ -76,6 +77,8 @@ def convert_model_(
     )
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
+    if config.allocation == "auto":
+        plans = allocate_plans(model, plans, config)
     config.layer_ranks = {p.name: p.rank for p in plans}
 
     if calibration is None:

@@ -1,6 +1,7 @@
 """The ``littlebit`` command (also ``python -m hf_littlebit``).
 
-    littlebit quantize [MODEL] --bpw 0.55 [--method M] [--[no-]residual] [--out DIR] [--eval] [--max-tokens N] [--json]
+    littlebit quantize [MODEL] --bpw 0.55 [--method M] [--allocation uniform|auto] [--[no-]residual] [--out DIR]
+                       [--eval] [--max-tokens N] [--json]
                        [--calibrate | --no-calibrate] [--calib-samples N] [--calib-seqlen L] [--steps S]
                        [--work-dir DIR] [--resume]
     littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]
@@ -46,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="two binary paths (--residual) or one (--no-residual); default: the method's own choice "
                         "(on for littlebit/littlebit2, off for dbf)")
+    q.add_argument("--allocation", default="uniform", choices=["uniform", "auto"],
+                   help="same bpw in every layer, or one model-wide budget spread by each layer's spectrum")
     q.add_argument("--dbf-iterations", type=int, default=100, help="outer ADMM alternations of dbf")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
@@ -146,7 +149,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     from .summary import summary
 
     config = LittleBitConfig(bpw=args.bpw, method=args.method, residual=args.residual, seed=args.seed,
-                             dbf_iterations=args.dbf_iterations,
+                             dbf_iterations=args.dbf_iterations, allocation=args.allocation,
                              itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
                              calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps)
     path = resolve_model(args.model, args.cache_dir)

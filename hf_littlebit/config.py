@@ -19,6 +19,7 @@ FORMAT_VERSION = 1
 AVAILABLE_METHODS = ("littlebit", "littlebit2", "dbf")
 PLANNED_METHODS: tuple[str, ...] = ()
 
+ALLOCATIONS = ("uniform", "auto")
 CALIBRATION_LOSSES = ("token_normalized", "mse")
 CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
 
@@ -47,6 +48,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
             Embeddings and norms are never converted (they are not ``nn.Linear``).
+        allocation: ``"uniform"`` (every layer gets the rank its shape allows at ``bpw``) or ``"auto"`` (one budget
+            of ``bpw`` true bits per weight for the whole model, ranks granted greedily to the layers whose spectra
+            lose the most per bit; :mod:`hf_littlebit.allocate`). The chosen ranks are saved like any others.
         bpw_multipliers: ``{regex: factor}`` multiplying the float rank of matching module names before rounding.
         kv_factor: the paper's K/V knob, shorthand for ``bpw_multipliers={r"\\.(k_proj|v_proj)$": kv_factor}``.
         min_rank: floor of the rank (layers too small for the target get this rank and a warning).
@@ -98,6 +102,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         method: str = "littlebit",
         residual: bool | None = None,
         modules_to_not_convert: list[str] | None = None,
+        allocation: str = "uniform",
         bpw_multipliers: dict[str, float] | None = None,
         kv_factor: float = 1.0,
         min_rank: int = 8,
@@ -130,6 +135,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.method = method
         self.residual = residual
         self.modules_to_not_convert = list(modules_to_not_convert) if modules_to_not_convert is not None else None
+        self.allocation = allocation
         self.bpw_multipliers = dict(bpw_multipliers or {})
         self.kv_factor = kv_factor
         self.min_rank = min_rank
@@ -182,6 +188,11 @@ class LittleBitConfig(QuantizationConfigMixin):
                              f"{self.activation_aware!r}")
         if not _is_int(self.dbf_iterations) or self.dbf_iterations < 1:
             raise ValueError(f"LittleBitConfig: dbf_iterations must be a positive integer, got {self.dbf_iterations!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"LittleBitConfig: allocation must be one of {list(ALLOCATIONS)}, got {self.allocation!r}")
+        if self.allocation == "auto" and (self.bpw_multipliers or self.kv_factor != 1.0) and not self.layer_ranks:
+            raise ValueError("LittleBitConfig: allocation='auto' chooses every layer's rank itself; drop "
+                             "bpw_multipliers / kv_factor, or use allocation='uniform' to keep them")
         if not isinstance(self.residual, bool):
             raise ValueError(f"LittleBitConfig: residual must be True or False, got {self.residual!r}")
         if self.scale_dtype not in SCALE_DTYPES:

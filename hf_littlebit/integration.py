@@ -15,7 +15,8 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
-from .budget import choose_rank, dbf_rank
+from .allocate import LayerShape, allocate_ranks, normalised_spectrum
+from .budget import choose_rank, dbf_rank, stored_bits
 from .config import LittleBitConfig
 from .factorize import FactorPath, factorize
 from .layer import LittleBitLinear
@@ -106,6 +107,19 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
             f"the rank is capped there (fewer bits than the target), e.g. {capped[0]}"
         )
     return plans
+
+
+def allocate_plans(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig) -> list[LayerPlan]:
+    """``allocation="auto"``: re-choose the ranks of ``plans`` under one budget of ``config.bpw`` true bits per
+    weight of the converted layers, from each loaded weight's spectrum (:mod:`hf_littlebit.allocate`)."""
+    shapes = [LayerShape(p.name, p.in_features, p.out_features,
+                         normalised_spectrum(model.get_submodule(p.name).weight)) for p in plans]
+    budget = int(config.bpw * sum(p.in_features * p.out_features for p in plans))
+    ranks = allocate_ranks(shapes, budget, config.residual, min_rank=config.min_rank)
+    used = sum(stored_bits(p.in_features, p.out_features, ranks[p.name], config.residual) for p in plans)
+    logger.info(f"LittleBit auto allocation: {len(plans)} layers, ranks {min(ranks.values())}–{max(ranks.values())}, "
+                f"{used / 1e6:.2f} of {budget / 1e6:.2f} Mbit")
+    return [LayerPlan(p.name, p.in_features, p.out_features, ranks[p.name], p.bias) for p in plans]
 
 
 def replace_linears(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig, with_fp_weight: bool) -> None:

@@ -107,19 +107,21 @@ class LittleBitHfQuantizer(HfQuantizer):
 
     # -------------------------------------------------------------- module swap
     @property
-    def calibrating(self) -> bool:
-        """Quantize after loading, block by block on calibration data, instead of layer by layer during loading."""
-        return not self.pre_quantized and self.quantization_config.calibration is not None
+    def converts_after_load(self) -> bool:
+        """Quantize the whole loaded fp model at once instead of layer by layer during loading: block-wise
+        calibration needs the model, and the global allocator needs every layer's spectrum before any rank is set."""
+        cfg = self.quantization_config
+        return not self.pre_quantized and (cfg.calibration is not None or cfg.allocation == "auto")
 
     def _process_model_before_weight_loading(
         self, model: torch.nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
     ) -> None:
         cfg = self.quantization_config
-        if self.calibrating:
+        if self.converts_after_load:
             return  # the fp model loads as is; _process_model_after_weight_loading converts it
         default_skips = self.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
         if not self.pre_quantized:
-            note_data_free(cfg)
+            note_data_free(cfg)  # quantize-on-load never has calibration data
             cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, default_skips)
         plans = plan_conversion(model, cfg, cfg.modules_to_not_convert or [], self.pre_quantized)
         if not self.pre_quantized:
@@ -130,7 +132,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         self._n_layers = len(plans)
 
     def param_needs_quantization(self, model: torch.nn.Module, param_name: str, **kwargs: Any) -> bool:
-        if self.pre_quantized or self.calibrating:
+        if self.pre_quantized or self.converts_after_load:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
         return isinstance(module, LittleBitLinear) and tensor_name == "weight"
@@ -146,7 +148,7 @@ class LittleBitHfQuantizer(HfQuantizer):
 
     # -------------------------------------------------------------- after load
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
-        if self.calibrating:
+        if self.converts_after_load:
             from .api import convert_model_
 
             self.reconstruction = convert_model_(model, self.quantization_config, self.quantization_config.calibration)
