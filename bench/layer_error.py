@@ -2,6 +2,7 @@
 
 usage: python bench/layer_error.py [--bpw 1.0 0.55 0.1] [--blocks 0 5 10 15 20 25 29] [--dbf-iterations 100]
                                    [--itq-iterations 50] [--out bench/results/layer_error.json]
+                                   [--report-only]
 
 For every ``nn.Linear`` of the chosen decoder blocks and every bpw target, each method factorises the fp weight as
 ``hf_littlebit`` does by default (littlebit / littlebit2: the paper's rank rule with the residual path; dbf: DBF's
@@ -43,7 +44,11 @@ def main() -> None:
     ap.add_argument("--itq-iterations", type=int, default=50)
     ap.add_argument("--cache-dir")
     ap.add_argument("--out", default="bench/results/layer_error.json")
+    ap.add_argument("--report-only", action="store_true", help="print the table of the rows saved in --out")
     args = ap.parse_args()
+    if args.report_only:
+        report(json.loads(Path(args.out).read_text()))
+        return
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(str(ensure_assets(args.cache_dir).model_dir))
     layers = {name: m.weight.detach().float() for name, m in model.named_modules()
@@ -67,10 +72,10 @@ def main() -> None:
             row["fp16_lowrank"] = {"error": lowrank_error(w, stored_bits(d_in, d_out, lb_rank, True)),
                                    "true_bpw": row["littlebit"]["true_bpw"]}
             rows.append(row)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(rows, indent=1))  # kept up to date: an interrupted run keeps rows
             print(f"{bpw:g} {name}: " + "  ".join(f"{m} {row[m]['error']:.3f}"
                                                   for m in (*METHODS, "fp16_lowrank")), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
     report(rows)
 
 
