@@ -68,7 +68,10 @@ def main() -> None:
     ap.add_argument("--cache-dir")
     ap.add_argument("--out")
     ap.add_argument("--plot")
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="more LittleBitConfig fields of the post-training start (JSON values): dbf_iterations=30")
     args = ap.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     out = Path(args.out or f"bench/results/qat_{args.bpw:g}.json")
     plot_path = Path(args.plot or out.with_suffix(".png"))
     torch.set_num_threads(args.threads)
@@ -91,7 +94,8 @@ def main() -> None:
     else:
         student = AutoModelForCausalLM.from_pretrained(path)
         cfg = hf_littlebit.LittleBitConfig(bpw=args.bpw, method=args.method, calibration_samples=args.calib_samples,
-                                           calibration_steps=args.calib_steps, sign_estimator=args.estimator)
+                                           calibration_steps=args.calib_steps, sign_estimator=args.estimator,
+                                           **overrides)
         hf_littlebit.quantize(student, cfg, calibration=train_text if args.start == "calibrated" else None,
                               tokenizer=tok, progress=False)
         seconds_ptq = time.perf_counter() - t
@@ -127,6 +131,7 @@ def main() -> None:
     summary = hf_littlebit.summary(student)
     result = {
         "bpw_target": args.bpw, "bpw_true": summary.bpw_true, "method": args.method, "start": args.start,
+        "overrides": overrides,
         "fp_ppl": fp_ppl, "ppl_before": ppl_before, "ppl_after": ppl_after, "log_gap_closed": gap_closed,
         "steps": steps, "tokens_seen": steps * args.batch * args.seqlen, "seconds_post_training": seconds_ptq,
         "seconds_qat": seconds_qat, "lr": args.lr, "scheduler": args.scheduler, "estimator": args.estimator,

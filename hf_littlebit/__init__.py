@@ -9,6 +9,7 @@ Importing the package registers ``quant_method="littlebit"`` with Transformers::
 from __future__ import annotations
 
 from .api import quantize
+from .backends import set_backend
 from .calibration import CalibrationError
 from .config import LittleBitConfig
 from .hub import NotALittleBitModelError, from_pretrained, model_card, push_to_hub, save_pretrained
@@ -48,6 +49,7 @@ __all__ = [
     "register",
     "register_lora",
     "save_pretrained",
+    "set_backend",
     "summary",
 ]
 

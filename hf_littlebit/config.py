@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .backends import BACKEND_CHOICES
 from .budget import is_valid_bpw
 from .estimators import ESTIMATORS
 
@@ -92,6 +93,10 @@ class LittleBitConfig(QuantizationConfigMixin):
             (the saved folder is the usual packed format), so this is never written to ``config.json``. With a
             packed checkpoint, ``from_pretrained(path, quantization_config=LittleBitConfig(trainable=True))`` turns
             it back into trainable mode (this and the two sign-estimator fields are *loading attributes*).
+        backend: forward implementation of the packed layers: ``"auto"`` (default: the Triton kernels for CUDA
+            tensors when Triton is installed, plain PyTorch otherwise), ``"torch"`` or ``"triton"``. The environment
+            variable ``LITTLEBIT_BACKEND`` overrides it for a whole process; ``hf_littlebit.set_backend(model, ...)``
+            changes it after loading. A loading attribute: never written to ``config.json``.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
     """
@@ -125,6 +130,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         sign_estimator: str = "ste",
         smoothsign_alpha: float = 100.0,
         trainable: bool = False,
+        backend: str = "auto",
         layer_ranks: dict[str, int] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
@@ -158,6 +164,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.sign_estimator = sign_estimator
         self.smoothsign_alpha = smoothsign_alpha
         self.trainable = trainable
+        self.backend = backend
         self.layer_ranks = dict(layer_ranks or {})
         self.format_version = format_version
         # Keep unknown keys (written by a newer release) so that a round trip does not drop them.
@@ -255,20 +262,23 @@ class LittleBitConfig(QuantizationConfigMixin):
             )
         if not isinstance(self.trainable, bool):
             raise ValueError(f"LittleBitConfig: trainable must be True or False, got {self.trainable!r}")
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"LittleBitConfig: backend must be one of {list(BACKEND_CHOICES)}, got {self.backend!r}")
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict; calibration data other than ``"default"`` is never written (only its description)."""
-        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in ("calibration", "trainable")}
+        runtime_only = ("calibration", "trainable", "backend")
+        out = {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k not in runtime_only}
         out["calibration"] = "default" if isinstance(self.calibration, str) and self.calibration == "default" else None
         return out
 
     def get_loading_attributes(self) -> dict[str, Any]:
         """Fields a user may set when loading a packed checkpoint (merged into the checkpoint's config)."""
         return {"trainable": self.trainable, "sign_estimator": self.sign_estimator,
-                "smoothsign_alpha": self.smoothsign_alpha}
+                "smoothsign_alpha": self.smoothsign_alpha, "backend": self.backend}
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

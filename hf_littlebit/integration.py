@@ -132,6 +132,7 @@ def replace_linears(model: nn.Module, plans: list[LayerPlan], config: LittleBitC
             bias_dtype=old.bias.dtype if old.bias is not None else None,
             with_fp_weight=with_fp_weight, weight_dtype=old.weight.dtype,
         )
+        new.backend = config.backend
         new.requires_grad_(False)
         model.set_submodule(plan.name, new)
 
@@ -187,6 +188,7 @@ def new_littlebit_layer(
         scale_dtype=config.torch_scale_dtype, device=device,
         bias_dtype=dense.bias.dtype if dense.bias is not None else None,
     )
+    layer.backend = config.backend
     layer.requires_grad_(False)
     if dense.bias is not None:
         with torch.no_grad():

@@ -43,6 +43,11 @@ SCALE_NAMES = ("h", "l", "g")
 LATENT_NAMES = ("u_latent", "v_latent")
 
 
+def _version(t: torch.Tensor) -> int:
+    """In-place version counter; inference tensors (made under ``torch.inference_mode``) have none."""
+    return 0 if t.is_inference() else t._version
+
+
 class LittleBitLinear(nn.Module):
     """Binary low-rank linear layer ``W ≈ Σ_paths diag(h) sgn(U) diag(l) sgn(V) diag(g)``.
 
@@ -197,7 +202,7 @@ class LittleBitLinear(nn.Module):
         """
         u_bits, v_bits = getattr(self, prefix + "u_bits"), getattr(self, prefix + "v_bits")
         key = (prefix, device, dtype)
-        stamp = (u_bits.data_ptr(), u_bits._version, v_bits.data_ptr(), v_bits._version)
+        stamp = (u_bits.data_ptr(), _version(u_bits), v_bits.data_ptr(), _version(v_bits))
         hit = self._sign_cache.get(key)
         if hit is not None and hit[0] == stamp:
             return hit[1], hit[2]
