@@ -61,3 +61,14 @@ def test_our_kernels_folder_does_not_shadow_the_hf_kernels_library(tmp_path):
     assert hf_littlebit.kernels.__name__ == "hf_littlebit.kernels"
     dist = importlib.metadata.distribution("hf-littlebit")
     assert not any(str(f).startswith("kernels/") for f in dist.files or [])
+
+
+def test_no_script_folder_holds_a_module_named_like_the_hf_kernels_library():
+    """``python bench/x.py`` puts ``bench/`` first on ``sys.path``: a ``bench/kernels.py`` there made Transformers
+    take it for the Hugging Face ``kernels`` library and broke ``import transformers.Trainer`` in every bench script."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for folder in ("bench", "notebooks", "tests"):
+        assert not (root / folder / "kernels.py").exists(), f"{folder}/kernels.py shadows the HF kernels library"
+        assert not (root / folder / "kernels").is_dir(), f"{folder}/kernels/ shadows the HF kernels library"

@@ -1,6 +1,10 @@
 """Speed of one packed LittleBit layer against the dense layer of the same shape, measured in the same run.
 
-usage: python bench/kernels.py [--device auto|cuda|cpu] [--tokens 1 8 512] [--bpw 1.0 0.55 0.3 0.1]
+(Named ``kernel_speed.py``, not ``kernels.py``: a module called ``kernels`` next to the bench scripts would be found
+first on ``sys.path`` by every script in this folder, and Transformers would take it for the Hugging Face
+``kernels`` library.)
+
+usage: python bench/kernel_speed.py [--device auto|cuda|cpu] [--tokens 1 8 512] [--bpw 1.0 0.55 0.3 0.1]
                                [--shapes 4096x4096 4096x11008 11008x4096 8192x28672] [--no-residual]
                                [--e2e | --no-e2e] [--out PATH] [--report-only]
 
@@ -124,9 +128,10 @@ def bench_end_to_end(args, device: str) -> list[dict]:
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     hidden, inter, layers = args.e2e_model
+    heads = max(1, hidden // 64)
+    kv_heads = next(d for d in (heads // 8, heads // 4, heads // 3, heads) if d >= 1 and heads % d == 0)
     config = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                         num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-                         max_position_embeddings=2048)
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=2048)
     prompt = torch.randint(0, 32000, (1, 16), device=device, generator=torch.Generator(device=device).manual_seed(0))
     extra = {"cache_implementation": "static"} if device == "cuda" else {}
 
@@ -220,11 +225,14 @@ def main() -> None:
         import triton
 
         result["triton"] = triton.__version__
+    out.parent.mkdir(parents=True, exist_ok=True)
     result["layers"] = bench_layers(args, device)
     result["copy_GBps"] = result["layers"][0]["copy_GBps"] if result["layers"] else 0.0
-    result["e2e"] = bench_end_to_end(args, device) if args.e2e else []
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    result["e2e"] = []
+    out.write_text(json.dumps(result, indent=1))  # the layer rows survive a failure of the end-to-end part
+    if args.e2e:
+        result["e2e"] = bench_end_to_end(args, device)
+        out.write_text(json.dumps(result, indent=1))
     report(result)
 
 
