@@ -63,7 +63,8 @@ def allocate_ranks(
     if used > budget_bits:
         raise ValueError(
             f"allocation='auto': {budget_bits / 1e6:.2f} Mbit cannot hold even min_rank={min_rank} in every layer "
-            f"({used / 1e6:.2f} Mbit); raise bpw, lower min_rank, or use residual=False (one path costs half)"
+            f"({used / 1e6:.2f} Mbit); raise bpw, lower min_rank, use residual=False (one path costs half) or "
+            "allocation='uniform' (--allocation uniform)"
         )
 
     def candidate(layer: LayerShape) -> tuple[float, str, int] | None:

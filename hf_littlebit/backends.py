@@ -37,18 +37,24 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
 def torch_forward(layer: LittleBitLinear, x: torch.Tensor) -> torch.Tensor:
     """``Y = ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h`` per path, summed, plus bias.
 
-    Packed layers use their cached unpacked signs; trainable layers take the signs of their latents through the
-    sign estimator, so the same code is differentiable with respect to latents, scales and input.
+    Packed layers computing in fp32 (CPU) use their cached folded factors (:meth:`LittleBitLinear.folded_factors`:
+    two matmuls per call). Half precision and trainable layers go path by path; trainable ones take the signs of
+    their latents through the sign estimator, so that code is differentiable in latents, scales and input.
     """
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
     dtype = compute_dtype_for(x)
     xs = x.reshape(-1, layer.in_features).to(dtype)
-    prefixes = layer.path_prefixes if layer.residual_enabled else layer.path_prefixes[:1]
-    y = None
-    for prefix in prefixes:
-        out = path_forward(layer, prefix, xs, dtype)
-        y = out if y is None else y + out
+    if layer.is_trainable or dtype != torch.float32:
+        # Half precision keeps the scales separate: folded products h·l could fall below fp16's normal range.
+        prefixes = layer.path_prefixes if layer.residual_enabled else layer.path_prefixes[:1]
+        y = None
+        for prefix in prefixes:
+            out = path_forward(layer, prefix, xs, dtype)
+            y = out if y is None else y + out
+    else:
+        a, b = layer.folded_factors(xs.device, dtype)  # scales folded into the ±1 factors, both paths side by side
+        y = (xs @ a.T) @ b.T
     if layer.bias is not None:
         y = y + layer.bias.to(device=x.device, dtype=dtype)
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)

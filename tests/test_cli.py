@@ -27,7 +27,8 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
         assert key in result, key
     assert result["calibrated"] is True and result["calib_samples"] == 4  # corpora available: calibrated
     assert not (tmp_path / "q.work").exists()  # per-block checkpoints are removed once the model is saved
-    assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0 and result["method"] == "littlebit"
+    assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0
+    assert result["method"] == "dbf" and result["allocation"] == "auto"  # the calibrated default
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
     assert result["ppl_fp"] > 1 and result["ppl_quantized"] > 1
     assert (out_dir / "README.md").exists() and (out_dir / "tokenizer.json").exists()
@@ -101,3 +102,12 @@ def test_lm_eval_adapter_registers_the_plugin_before_the_harness_runs(monkeypatc
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="pip install lm-eval"):
         lm_eval_adapter.main()
+
+
+def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
+    """Without calibration data the command picks the fast Dual-SVID (DBF costs minutes and is no better there)."""
+    code, out, err = run(capsys, "quantize", fp_checkpoint("llama"), "--no-calibrate", "--json",
+                         "--out", tmp_path / "q")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "littlebit" and result["allocation"] == "uniform" and result["calibrated"] is False

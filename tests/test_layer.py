@@ -88,3 +88,17 @@ def test_backend_override(monkeypatch):
         layer(x)
     monkeypatch.delenv("LITTLEBIT_BACKEND")
     assert torch.equal(layer(x), y)
+
+
+def test_fp32_path_folds_scales_into_two_cached_matmuls():
+    """On CPU a packed layer multiplies by two cached folded factors; they are rebuilt when any scale changes."""
+    layer, _ = make_layer(50, 30, 8, residual=True)
+    x = torch.randn(4, 50)
+    y = layer(x)
+    a, b = layer.folded_factors(x.device, torch.float32)
+    assert a.shape == (16, 50) and b.shape == (30, 16)  # both paths side by side
+    assert torch.allclose(b @ a, layer.dequantize_weight(), atol=1e-6)
+    assert layer.folded_factors(x.device, torch.float32)[0] is a
+    with torch.no_grad():
+        layer.res_l.mul_(2)
+    assert not torch.allclose(layer(x), y) and layer.folded_factors(x.device, torch.float32)[0] is not a
