@@ -37,6 +37,11 @@ class LayerShape:
     energy: torch.Tensor  # σ_i² / Σσ², float64, length min(d_in, d_out)
 
 
+class BudgetTooSmallError(ValueError):
+    """The model-wide budget cannot give every layer even ``min_rank`` (the scale vectors and the word padding of
+    tiny ranks alone cost ~0.1 bpw on small layers)."""
+
+
 def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
     """``σ_i² / Σ σ²`` of ``weight`` in float64 on the CPU (zeros for an all-zero weight)."""
     s = torch.linalg.svdvals(weight.detach().float()).double().cpu()
@@ -55,13 +60,13 @@ def allocate_ranks(
 ) -> dict[str, int]:
     """Ranks (multiples of ``step`` above ``min_rank``) whose total true storage is ≤ ``budget_bits``.
 
-    Raises ``ValueError`` when even ``min_rank`` everywhere does not fit.
+    Raises :class:`BudgetTooSmallError` when even ``min_rank`` everywhere does not fit.
     """
     paths = 2 if residual else 1
     ranks = {layer.name: min_rank for layer in layers}
     used = sum(stored_bits(lay.d_in, lay.d_out, min_rank, residual, scale_bits) for lay in layers)
     if used > budget_bits:
-        raise ValueError(
+        raise BudgetTooSmallError(
             f"allocation='auto': {budget_bits / 1e6:.2f} Mbit cannot hold even min_rank={min_rank} in every layer "
             f"({used / 1e6:.2f} Mbit); raise bpw, lower min_rank, use residual=False (one path costs half) or "
             "allocation='uniform' (--allocation uniform)"

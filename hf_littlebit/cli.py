@@ -143,6 +143,26 @@ def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict[str, 
     return {**res.to_dict(), "seconds": time.perf_counter() - t}
 
 
+def auto_allocation_fits(path: str, config) -> bool:
+    """Whether ``allocation="auto"`` can give every Linear that ``config`` converts in the model at ``path`` at least
+    ``min_rank`` within the budget (shapes from a meta-device instance: no weights are loaded)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .budget import stored_bits
+    from .integration import plan_conversion, resolve_modules_to_not_convert
+    from .quantizer import LittleBitHfQuantizer
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules", None)
+    defaults = LittleBitHfQuantizer.get_modules_to_not_convert(model, None, keep_fp32)
+    skips = resolve_modules_to_not_convert(model, config, defaults)
+    plans = plan_conversion(model, config, skips, pre_quantized=False)
+    need = sum(stored_bits(p.in_features, p.out_features, config.min_rank, config.residual) for p in plans)
+    return need <= int(config.bpw * sum(p.in_features * p.out_features for p in plans))
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -176,6 +196,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         fp_model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         fp_eval = measure(fp_model, tokenizer, text, args)
         del fp_model
+    if config.allocation == "auto" and args.allocation is None and not auto_allocation_fits(path, config):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("hf_littlebit.cli").warning(
+            f"bpw={args.bpw:g} cannot give every layer min_rank={config.min_rank} under one model-wide budget; "
+            "using allocation='uniform' (small layers then store more than the target)"
+        )
+        config = make_config(args.method, "uniform")
+        result["allocation"] = "uniform"
     t = time.perf_counter()
     if calibration is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=config)

@@ -111,3 +111,17 @@ def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["method"] == "littlebit" and result["allocation"] == "uniform" and result["calibrated"] is False
+
+
+def test_default_auto_allocation_falls_back_to_uniform_when_min_rank_does_not_fit(capsys, tiny_with_tokenizer,
+                                                                                  fake_cache, tmp_path):
+    """At 0.1 bpw a tiny model cannot give every layer min_rank under one budget: the calibrated default (dbf +
+    auto) then says so and uses uniform ranks instead of failing; an explicit --allocation auto still fails."""
+    args = ["--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "0.1", "--json",
+            "--calib-samples", "2", "--calib-seqlen", "16", "--steps", "1"]
+    code, out, err = run(capsys, *args, "--out", tmp_path / "a")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["method"] == "dbf" and result["allocation"] == "uniform" and result["calibrated"] is True
+    code, out, err = run(capsys, *args, "--allocation", "auto", "--out", tmp_path / "b")
+    assert code == 2 and "cannot hold even min_rank" in err
