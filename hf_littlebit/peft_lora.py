@@ -13,6 +13,7 @@ Merging is refused: LoRA's dense update cannot be folded into binary factors wit
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Any
 
 import torch
@@ -40,7 +41,11 @@ if LoraLayer is not None:
             if getattr(config, "use_dora", False):
                 raise ValueError("LittleBitLoraLinear does not support DoRA; set LoraConfig(use_dora=False)")
             super().__init__()
-            LoraLayer.__init__(self, base_layer)
+            with warnings.catch_warnings():
+                # PEFT warns "Unsupported layer type ... at your own risk" for any layer it does not know, then reads
+                # in_features/out_features, which LittleBitLinear has: the warning is noise for this mapped type.
+                warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+                LoraLayer.__init__(self, base_layer)
             self.fan_in_fan_out = False
             self._active_adapter = adapter_name
             self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config)
