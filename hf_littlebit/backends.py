@@ -47,9 +47,8 @@ def torch_forward(layer: LittleBitLinear, x: torch.Tensor) -> torch.Tensor:
     xs = x.reshape(-1, layer.in_features).to(dtype)
     if layer.is_trainable or dtype != torch.float32:
         # Half precision keeps the scales separate: folded products h·l could fall below fp16's normal range.
-        prefixes = layer.path_prefixes if layer.residual_enabled else layer.path_prefixes[:1]
         y = None
-        for prefix in prefixes:
+        for prefix in layer.active_prefixes:
             out = path_forward(layer, prefix, xs, dtype)
             y = out if y is None else y + out
     else:

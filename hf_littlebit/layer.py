@@ -101,6 +101,11 @@ class LittleBitLinear(nn.Module):
         return PATH_PREFIXES if self.residual else PATH_PREFIXES[:1]
 
     @property
+    def active_prefixes(self) -> tuple[str, ...]:
+        """The paths the forward uses: the residual one only while ``residual_enabled`` (QAT may switch it off)."""
+        return self.path_prefixes if self.residual_enabled else self.path_prefixes[:1]
+
+    @property
     def is_packed(self) -> bool:
         """True once the layer holds real packed factors (no pending fp weight, not trainable, nothing on meta)."""
         if "weight" in self._parameters or self.is_trainable:
@@ -219,7 +224,7 @@ class LittleBitLinear(nn.Module):
         what decides its speed for few tokens. Built in fp32, stored in ``dtype``, cached per (device, dtype) and
         stamped with every packed tensor's identity and version, like :meth:`signs`.
         """
-        prefixes = self.path_prefixes if self.residual_enabled else self.path_prefixes[:1]
+        prefixes = self.active_prefixes
         tensors = [getattr(self, prefix + name) for prefix in prefixes for name in PATH_TENSORS]
         stamp = tuple((t.data_ptr(), _version(t)) for t in tensors)
         key = ("folded", prefixes, device, dtype)
@@ -228,6 +233,7 @@ class LittleBitLinear(nn.Module):
             return hit[1], hit[2]
         a_parts, b_parts = [], []
         for prefix in prefixes:
+            # Unpacked here rather than through signs(): that would keep a second, unfolded fp32 copy cached.
             u = unpack_signs(getattr(self, prefix + "u_bits").to(device), self.rank)
             v = unpack_signs(getattr(self, prefix + "v_bits").to(device), self.in_features)
             h, l, g = (getattr(self, prefix + n).to(device=device, dtype=torch.float32) for n in SCALE_NAMES)
