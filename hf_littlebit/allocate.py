@@ -20,6 +20,7 @@ Plain tensors and numbers: nothing here knows about modules.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,11 @@ def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:
     return sq / total if total > 0 else sq
 
 
+def min_rank_bits(dims: Iterable[tuple[int, int]], residual: bool, min_rank: int = 8, scale_bits: int = 16) -> int:
+    """True bits of ``min_rank`` in every ``(d_in, d_out)`` layer: the floor any model-wide budget must cover."""
+    return sum(stored_bits(d_in, d_out, min_rank, residual, scale_bits) for d_in, d_out in dims)
+
+
 def allocate_ranks(
     layers: list[LayerShape],
     budget_bits: int,
@@ -64,7 +70,7 @@ def allocate_ranks(
     """
     paths = 2 if residual else 1
     ranks = {layer.name: min_rank for layer in layers}
-    used = sum(stored_bits(lay.d_in, lay.d_out, min_rank, residual, scale_bits) for lay in layers)
+    used = min_rank_bits(((lay.d_in, lay.d_out) for lay in layers), residual, min_rank, scale_bits)
     if used > budget_bits:
         raise BudgetTooSmallError(
             f"allocation='auto': {budget_bits / 1e6:.2f} Mbit cannot hold even min_rank={min_rank} in every layer "

@@ -149,8 +149,8 @@ def auto_allocation_fits(path: str, config) -> bool:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from .budget import stored_bits
-    from .integration import plan_conversion, resolve_modules_to_not_convert
+    from .allocate import min_rank_bits
+    from .integration import auto_budget_bits, plan_conversion, resolve_modules_to_not_convert
     from .quantizer import LittleBitHfQuantizer
 
     with init_empty_weights():
@@ -159,8 +159,8 @@ def auto_allocation_fits(path: str, config) -> bool:
     defaults = LittleBitHfQuantizer.get_modules_to_not_convert(model, None, keep_fp32)
     skips = resolve_modules_to_not_convert(model, config, defaults)
     plans = plan_conversion(model, config, skips, pre_quantized=False)
-    need = sum(stored_bits(p.in_features, p.out_features, config.min_rank, config.residual) for p in plans)
-    return need <= int(config.bpw * sum(p.in_features * p.out_features for p in plans))
+    need = min_rank_bits(((p.in_features, p.out_features) for p in plans), config.residual, config.min_rank)
+    return need <= auto_budget_bits(plans, config)
 
 
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:

@@ -109,12 +109,17 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
     return plans
 
 
+def auto_budget_bits(plans: list[LayerPlan], config: LittleBitConfig) -> int:
+    """The model-wide budget of ``allocation="auto"``: ``config.bpw`` true bits per weight of the converted layers."""
+    return int(config.bpw * sum(p.in_features * p.out_features for p in plans))
+
+
 def allocate_plans(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig) -> list[LayerPlan]:
     """``allocation="auto"``: re-choose the ranks of ``plans`` under one budget of ``config.bpw`` true bits per
     weight of the converted layers, from each loaded weight's spectrum (:mod:`hf_littlebit.allocate`)."""
     shapes = [LayerShape(p.name, p.in_features, p.out_features,
                          normalised_spectrum(model.get_submodule(p.name).weight)) for p in plans]
-    budget = int(config.bpw * sum(p.in_features * p.out_features for p in plans))
+    budget = auto_budget_bits(plans, config)
     ranks = allocate_ranks(shapes, budget, config.residual, min_rank=config.min_rank)
     used = sum(stored_bits(p.in_features, p.out_features, ranks[p.name], config.residual) for p in plans)
     logger.info(f"LittleBit auto allocation: {len(plans)} layers, ranks {min(ranks.values())}–{max(ranks.values())}, "
