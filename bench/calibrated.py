@@ -120,6 +120,9 @@ def main() -> None:
                 if blocks:
                     extra["block_loss_before"] = [round(b.loss_before, 5) for b in blocks]
                     extra["block_loss_after"] = [round(b.loss_after, 5) for b in blocks]
+                e2e = model.hf_quantizer.reconstruction.end_to_end if calibrated else None
+                if e2e is not None:
+                    extra.update(e2e_kl_before=e2e.kl_before, e2e_kl_after=e2e.kl_after, e2e_seconds=e2e.seconds)
                 record(name, f"{method} {variant}", bpw, model,
                        report.bpw_true * report.converted_params, report.converted_params, seconds, extra)
                 del model

@@ -116,7 +116,7 @@ def convert_model_(
             p.requires_grad_(grad_flags.get(name, False))
     config.calibrated_with = {
         "source": describe_source(calibration), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
-        "steps_per_block": opts.steps,
+        "steps_per_block": opts.steps, "end_to_end_steps": opts.e2e_steps,
     }
     return result
 

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     q.add_argument("--steps", type=int, default=30,
                    help="optimiser steps per transformer block (default 30: minutes on a CPU; more is better)")
+    q.add_argument("--e2e-steps", type=int, default=0,
+                   help="steps of the end-to-end phase after the block-wise pass (scales tuned on the fp model's "
+                        "next-token distribution; default 0)")
     q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)
@@ -176,7 +179,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         return LittleBitConfig(bpw=args.bpw, method=method, residual=args.residual, seed=args.seed,
                                dbf_iterations=args.dbf_iterations, allocation=allocation,
                                itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
-                               calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps)
+                               calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps,
+                               calibration_e2e_steps=args.e2e_steps)
 
     make_config(args.method or "littlebit", args.allocation or "uniform")  # bad arguments fail before any work
     path = resolve_model(args.model, args.cache_dir)
@@ -220,6 +224,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                           steps_per_block=config.calibration_steps,
                           block_loss_before=sum(b.loss_before for b in blocks) / len(blocks),
                           block_loss_after=sum(b.loss_after for b in blocks) / len(blocks))
+        e2e = model.hf_quantizer.reconstruction.end_to_end
+        if e2e is not None:
+            result.update(e2e_steps=e2e.steps, e2e_kl_before=e2e.kl_before, e2e_kl_after=e2e.kl_after)
     result["seconds_quantize"] = time.perf_counter() - t
     report = summary(model)
     save_pretrained(model, out)

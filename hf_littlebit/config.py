@@ -68,7 +68,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             ``datasets.Dataset`` with a ``text`` column, or token ids. ``None`` (default) quantizes data-free. Only
             ``"default"`` is written to ``config.json``; other data is recorded by description in
             ``calibrated_with``.
-        calibration_samples: number of calibration sequences.
+        calibration_samples: number of calibration sequences. The latent factors of a block have millions of
+            entries: with 32 sequences of 256 tokens a block fits its calibration data twice as well as held-out
+            data; 128 sequences close most of that gap (SmolLM2, BENCHMARKS.md).
         calibration_seqlen: tokens per calibration sequence (capped by the model's context).
         calibration_steps: optimiser steps per transformer block (one minibatch each).
         calibration_batch_size: sequences per minibatch.
@@ -83,6 +85,11 @@ class LittleBitConfig(QuantizationConfigMixin):
             first gives perplexity 1.4e4, the second 5.2e6: without the fp model's activations as anchor, the
             massive activation that block 11 creates at the first token is lost and every later block is fitted
             to a broken residual stream.
+        calibration_e2e_steps: optimiser steps of an end-to-end phase after the block-wise pass (0 skips it): the
+            scale vectors of every layer (and, with ``calibration_tune_norms``, the norms) are tuned jointly so the
+            quantized model's next-token distribution matches the fp model's on the calibration sequences (KL). Block
+            fits each see only their own output; this phase repairs the error that compounds across blocks.
+        calibration_e2e_lr: Adam learning rate of that phase, relative to each tensor's RMS.
         calibration_offload_gib: a block's calibration activations larger than this are kept on disk (in the work
             folder, else a temporary folder) instead of in memory.
         sign_estimator: gradient of the sign during calibration and training: ``"ste"`` (clipped identity) or
@@ -117,7 +124,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         activation_aware: bool | None = None,
         scale_dtype: str = "float16",
         calibration: Any = None,
-        calibration_samples: int = 64,
+        calibration_samples: int = 128,
         calibration_seqlen: int = 256,
         calibration_steps: int = 100,
         calibration_batch_size: int = 4,
@@ -126,6 +133,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_tune_norms: bool = False,
         calibration_loss: str = "token_normalized",
         calibration_targets: str = "fp_inputs",
+        calibration_e2e_steps: int = 0,
+        calibration_e2e_lr: float = 1e-2,
         calibration_offload_gib: float = 4.0,
         sign_estimator: str = "ste",
         smoothsign_alpha: float = 100.0,
@@ -160,6 +169,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.calibration_tune_norms = calibration_tune_norms
         self.calibration_loss = calibration_loss
         self.calibration_targets = calibration_targets
+        self.calibration_e2e_steps = calibration_e2e_steps
+        self.calibration_e2e_lr = calibration_e2e_lr
         self.calibration_offload_gib = calibration_offload_gib
         self.sign_estimator = sign_estimator
         self.smoothsign_alpha = smoothsign_alpha
@@ -230,15 +241,15 @@ class LittleBitConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive integer, got {value!r}")
-        if not _is_int(self.calibration_steps) or self.calibration_steps < 0:
-            raise ValueError(
-                f"LittleBitConfig: calibration_steps must be a non-negative integer, got {self.calibration_steps!r}"
-            )
+        for name in ("calibration_steps", "calibration_e2e_steps"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"LittleBitConfig: {name} must be a non-negative integer, got {value!r}")
         if not isinstance(self.calibration_offload_gib, (int, float)) or self.calibration_offload_gib < 0:
             raise ValueError(
                 f"LittleBitConfig: calibration_offload_gib must be a number ≥ 0, got {self.calibration_offload_gib!r}"
             )
-        for name in ("calibration_lr", "calibration_scale_lr", "smoothsign_alpha"):
+        for name in ("calibration_lr", "calibration_scale_lr", "calibration_e2e_lr", "smoothsign_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive number, got {value!r}")

@@ -15,6 +15,11 @@ For block ``i`` (in order):
    block's inputs, and — with a work folder — the packed block and those inputs are written to disk so an interrupted
    run resumes at the next block.
 
+Optionally (``e2e_steps``) an end-to-end phase follows: with the fp model's outputs of the last block kept from the
+pass above, the scale vectors of every layer are tuned jointly on KL(fp ‖ quantized) of the next-token distributions
+(:func:`tune_end_to_end`). A block fit sees only its own output error; this phase sees what the errors of all blocks
+do together to the prediction.
+
 Only one block's inputs and targets are held at once (in memory, or spilled to disk above a size limit). This module
 drives modules and tensors; it knows the config's numbers, not the Transformers loading machinery.
 """
@@ -71,16 +76,28 @@ class BlockReport:
 
 
 @dataclass
+class EndToEndReport:
+    """The end-to-end phase: KL(fp ‖ quantized) per token on the first calibration batches, before and after."""
+
+    steps: int
+    kl_before: float
+    kl_after: float
+    seconds: float
+
+
+@dataclass
 class ReconstructionResult:
     blocks: list[BlockReport] = field(default_factory=list)
     resumed_from: int = 0
     outside_blocks: list[str] = field(default_factory=list)
+    end_to_end: EndToEndReport | None = None
 
     def to_dict(self) -> dict:
         return {
             "blocks": [vars(b) for b in self.blocks],
             "resumed_from": self.resumed_from,
             "outside_blocks": self.outside_blocks,
+            "end_to_end": vars(self.end_to_end) if self.end_to_end is not None else None,
         }
 
 
@@ -264,6 +281,13 @@ class ReconstructionOptions:
     estimator: str = "ste"
     alpha: float = 100.0
     max_activation_gib: float = 4.0
+    e2e_steps: int = 0
+    e2e_lr: float = 1e-2
+
+    @property
+    def tracks_fp(self) -> bool:
+        """Whether the pass carries the fp model's activations along (as targets, or as the end-to-end teacher)."""
+        return self.targets == "fp_inputs" or self.e2e_steps > 0
 
     @classmethod
     def from_config(cls, config: LittleBitConfig) -> ReconstructionOptions:
@@ -272,27 +296,35 @@ class ReconstructionOptions:
             scale_lr=config.calibration_scale_lr, tune_norms=config.calibration_tune_norms,
             loss=config.calibration_loss, targets=config.calibration_targets, estimator=config.sign_estimator,
             alpha=config.smoothsign_alpha, max_activation_gib=config.calibration_offload_gib,
+            e2e_steps=config.calibration_e2e_steps, e2e_lr=config.calibration_e2e_lr,
         )
 
 
 def _fingerprint(model: nn.Module, config: LittleBitConfig, tokens: torch.Tensor, opts: ReconstructionOptions) -> str:
+    """Identifies the block-wise pass; the end-to-end phase's settings are left out, so a finished pass can be
+    resumed with other end-to-end settings (only whether the fp activations are tracked matters)."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items() if k not in ("calibration", "calibrated_with")}
+    cfg = {k: v for k, v in config.to_dict().items()
+           if k not in ("calibration", "calibrated_with", "calibration_e2e_steps", "calibration_e2e_lr")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(json.dumps(vars(opts), sort_keys=True).encode())
+    passes = {k: v for k, v in vars(opts).items() if k not in ("e2e_steps", "e2e_lr")}
+    h.update(json.dumps({**passes, "tracks_fp": opts.tracks_fp}, sort_keys=True).encode())
     h.update(type(model).__name__.encode())
     h.update(tokens.numpy().tobytes())
     return h.hexdigest()
 
 
-def _latent_param_groups(layers: list[LittleBitLinear], norms: list[nn.Parameter], opts: ReconstructionOptions):
-    """Adam groups with per-tensor learning rates proportional to each tensor's RMS (steps are relative)."""
+def _latent_param_groups(layers: list[LittleBitLinear], norms: list[nn.Parameter], opts: ReconstructionOptions,
+                         scale_lr: float | None = None):
+    """Adam groups of the trainable tensors, with learning rates proportional to each tensor's RMS (steps are
+    relative); ``scale_lr`` overrides ``opts.scale_lr``."""
+    scale_lr = opts.scale_lr if scale_lr is None else scale_lr
     groups = []
     for layer in layers:
         for name, p in layer.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            base = opts.lr if name.endswith("_latent") else opts.scale_lr
+            base = opts.lr if name.endswith("_latent") else scale_lr
             rms = p.detach().pow(2).mean().sqrt().item()
             groups.append({"params": [p], "lr": base * (rms if rms > 0 else 1.0)})
     if norms:
@@ -305,6 +337,19 @@ def _norm_params(block: nn.Module) -> list[nn.Parameter]:
     return [p for m in block.modules() if "norm" in type(m).__name__.lower() for p in m.parameters(recurse=False)]
 
 
+def _cosine_lr_(optimizer: torch.optim.Optimizer, step: int, steps: int) -> None:
+    factor = 0.5 * (1 + math.cos(math.pi * step / steps))
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+
+
+def _adam(groups: list[dict]) -> torch.optim.Adam:
+    optimizer = torch.optim.Adam(groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group["lr"]
+    return optimizer
+
+
 def optimise_block(
     block: nn.Module, layers: list[LittleBitLinear], inputs: ActivationStore, targets: ActivationStore,
     kwargs: dict, opts: ReconstructionOptions, seed: int, device: torch.device,
@@ -313,9 +358,7 @@ def optimise_block(
     norms = _norm_params(block) if opts.tune_norms else []
     for p in norms:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(_latent_param_groups(layers, norms, opts))
-    for group in optimizer.param_groups:
-        group["initial_lr"] = group["lr"]
+    optimizer = _adam(_latent_param_groups(layers, norms, opts))
     generator = torch.Generator().manual_seed(seed)
     order: list[int] = []
     with torch.enable_grad():
@@ -323,9 +366,7 @@ def optimise_block(
             if not order:
                 order = torch.randperm(len(inputs), generator=generator).tolist()
             i = order.pop()
-            factor = 0.5 * (1 + math.cos(math.pi * step / opts.steps))
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+            _cosine_lr_(optimizer, step, opts.steps)
             y = block_output(block, inputs[i].to(device), kwargs)
             loss = block_loss(y, targets[i].to(device), opts.loss)
             optimizer.zero_grad(set_to_none=True)
@@ -333,6 +374,105 @@ def optimise_block(
             optimizer.step()
     for p in norms:
         p.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+def next_token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) of the next-token distributions."""
+    s = torch.log_softmax(logits.float(), dim=-1)
+    t = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+class _AppendTeacher:
+    """Forward hook on the last block: appends the fp model's output of that block along the batch axis.
+
+    The model's head (final norm, ``lm_head``, soft-capping... whatever follows the blocks) then computes the
+    teacher's logits in the same pass as the student's, without an fp copy of the model: only the fp hidden states
+    after the last block are kept, and the head is not quantized.
+    """
+
+    def __init__(self) -> None:
+        self.teacher: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.teacher is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        both = torch.cat([hidden, self.teacher.to(device=hidden.device, dtype=hidden.dtype)], dim=0)
+        return (both, *output[1:]) if isinstance(output, tuple | list) else both
+
+
+def _student_and_teacher_logits(model: nn.Module, hook: _AppendTeacher, ids: torch.Tensor, teacher: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    hook.teacher = teacher
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        hook.teacher = None
+    return logits[: ids.shape[0]], logits[ids.shape[0]:].detach()
+
+
+def tune_end_to_end(
+    model: nn.Module, last_block: nn.Module, layers: list[LittleBitLinear], tokens: torch.Tensor,
+    teacher_hidden: ActivationStore, opts: ReconstructionOptions, seed: int, progress: bool = True,
+    eval_batches: int = 4,
+) -> EndToEndReport:
+    """Tune the scales of ``layers`` (packed on entry and on return) so the model's next-token distribution on
+    ``tokens`` matches the teacher's, given the fp model's outputs of ``last_block`` for each batch of
+    ``len(tokens) // len(teacher_hidden)`` sequences. Adam with per-tensor relative learning rates, cosine schedule;
+    the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting)."""
+    t0 = time.perf_counter()
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    batch = tokens.shape[0] // len(teacher_hidden)
+    batches = [tokens[i * batch:(i + 1) * batch].to(device) for i in range(len(teacher_hidden))]
+    hook = _AppendTeacher()
+    handle = last_block.register_forward_hook(hook)
+    norms = _norm_params(model) if opts.tune_norms else []
+    try:
+        for layer in layers:
+            layer.make_trainable_(estimator=opts.estimator, alpha=opts.alpha)
+            for prefix in layer.path_prefixes:
+                for name in ("u_latent", "v_latent"):
+                    getattr(layer, prefix + name).requires_grad_(False)
+        for p in norms:
+            p.requires_grad_(True)
+
+        @torch.no_grad()
+        def measure() -> float:
+            n = min(eval_batches, len(batches))
+            return sum(next_token_kl(*_student_and_teacher_logits(model, hook, batches[i], teacher_hidden[i])).item()
+                       for i in range(n)) / max(n, 1)
+
+        before = measure()
+        optimizer = _adam(_latent_param_groups(layers, [], opts, scale_lr=opts.e2e_lr)
+                          + ([{"params": norms, "lr": opts.norm_lr}] if norms else []))
+        generator = torch.Generator().manual_seed(seed)
+        order: list[int] = []
+        bar = logging.tqdm(total=opts.e2e_steps, desc="LittleBit end-to-end", unit="step", disable=not progress)
+        with torch.enable_grad():
+            for step in range(opts.e2e_steps):
+                if not order:
+                    order = torch.randperm(len(batches), generator=generator).tolist()
+                i = order.pop()
+                _cosine_lr_(optimizer, step, opts.e2e_steps)
+                loss = next_token_kl(*_student_and_teacher_logits(model, hook, batches[i], teacher_hidden[i]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix_str(f"KL {loss.item():.4g}")
+                bar.update(1)
+        bar.close()
+        after = measure()
+    finally:
+        handle.remove()
+        for p in norms:
+            p.requires_grad_(False)
+        for layer in layers:
+            layer.pack_()
+    report = EndToEndReport(opts.e2e_steps, before, after, time.perf_counter() - t0)
+    logger.info(f"LittleBit end-to-end: KL {before:.4g} -> {after:.4g} ({report.seconds:.1f} s)")
+    return report
 
 
 class BlockReconstructor:
@@ -462,7 +602,7 @@ class BlockReconstructor:
             inputs.clear()
             inputs = ActivationStore.load(self.work_dir / "inputs", self._spill_dir(f"inputs_{start}"))
         fp_inputs = None
-        if self.opts.targets == "fp_inputs":
+        if self.opts.tracks_fp:
             fp_inputs = (ActivationStore.load(self.work_dir / "fp_inputs", self._spill_dir(f"fp_inputs_{start}"))
                          if start > 0 else inputs.copy(self._spill_dir("fp_inputs_0")))
         bar = logging.tqdm(total=len(self.blocks), initial=start, desc="LittleBit calibrating", unit="block",
@@ -470,6 +610,14 @@ class BlockReconstructor:
         try:
             for index in range(start, len(self.blocks)):
                 inputs, fp_inputs = self._run_block(index, inputs, fp_inputs, kwargs[index], fingerprint, bar)
+            bar.close()
+            self._convert_outside_blocks()
+            if self.opts.e2e_steps > 0 and fp_inputs is not None:
+                layers = [self.model.get_submodule(name) for name in self.plans]
+                self.result.end_to_end = tune_end_to_end(
+                    self.model, self.blocks[-1], layers, self.tokens, fp_inputs, self.opts,
+                    seed=self.config.seed * 1_000_003 + len(self.blocks), progress=self.progress,
+                )
         finally:
             bar.close()
             inputs.clear()
@@ -477,13 +625,16 @@ class BlockReconstructor:
                 fp_inputs.clear()
             if self._tmp_root is not None:
                 shutil.rmtree(self._tmp_root, ignore_errors=True)
-        for plan in self.outside_plans():  # e.g. OPT's project_in/out: no block to calibrate them in
+        return self.result
+
+    def _convert_outside_blocks(self) -> None:
+        """Layers outside the blocks (e.g. OPT's project_in/out) have no block to be calibrated in: data-free."""
+        for plan in self.outside_plans():
             dense = self.model.get_submodule(plan.name)
             layer = new_littlebit_layer(plan, self.config, dense, device=dense.weight.device)
             layer.set_factors_(factorize_for_layer(dense.weight, plan, self.config))
             self.model.set_submodule(plan.name, layer)
             self.result.outside_blocks.append(plan.name)
-        return self.result
 
     def _run_block(
         self, index: int, inputs: ActivationStore, fp_inputs: ActivationStore | None, kwargs: dict, fingerprint: str,
@@ -495,9 +646,16 @@ class BlockReconstructor:
         # The fp block's pass that makes the targets also measures its layers' input statistics (activation-aware).
         watched = {p.name: self.model.get_submodule(p.name) for p in self.block_plans(index)} \
             if self.config.activation_aware else {}
+        fp_targets = self.opts.targets == "fp_inputs"
         with torch.no_grad(), InputSecondMoments(watched) as stats:
-            for x in (fp_inputs if fp_inputs is not None else inputs):
+            for x in (fp_inputs if fp_targets else inputs):
                 targets.append(block_output(block, x.to(self.device), kwargs))
+        fp_next = None  # the fp model's outputs of this block, when they are not the targets already
+        if fp_inputs is not None and not fp_targets:
+            fp_next = ActivationStore(self._spill_dir(f"fp_inputs_{index + 1}"))
+            with torch.no_grad():
+                for x in fp_inputs:
+                    fp_next.append(block_output(block, x.to(self.device), kwargs))
         layers = self._convert_block(index, trainable=True, importance=stats.mean())
         before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
         if layers and self.opts.steps > 0:
@@ -510,7 +668,7 @@ class BlockReconstructor:
         inputs.clear()
         if fp_inputs is not None:  # the fp block's outputs are the fp model's inputs of the next block
             fp_inputs.clear()
-            fp_inputs = targets.copy(self._spill_dir(f"fp_inputs_{index + 1}"))
+            fp_inputs = fp_next if fp_next is not None else targets.copy(self._spill_dir(f"fp_inputs_{index + 1}"))
         targets.clear()
         report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0, delta_before, delta_after)
         self.result.blocks.append(report)

@@ -19,9 +19,10 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     out_dir = tmp_path / "q"
     code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0",
                          "--eval", "--max-tokens", "128", "--seqlen", "32", "--json", "--out", out_dir,
-                         "--calib-samples", "4", "--calib-seqlen", "16", "--steps", "3")
+                         "--calib-samples", "4", "--calib-seqlen", "16", "--steps", "3", "--e2e-steps", "2")
     assert code == 0, err
     result = json.loads(out)
+    assert result["e2e_steps"] == 2 and result["e2e_kl_after"] >= 0
     for key in ("model", "method", "bpw_target", "bpw_true", "model_bytes_fp", "model_bytes_quantized", "ppl_fp",
                 "ppl_quantized", "eval_tokens", "seconds_quantize", "block_loss_before", "block_loss_after"):
         assert key in result, key

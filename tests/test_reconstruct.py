@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import hf_littlebit
 from hf_littlebit import LittleBitConfig, LittleBitLinear
-from hf_littlebit.reconstruct import BlockReconstructor, ReconstructionError, find_blocks
+from hf_littlebit.reconstruct import BlockReconstructor, ReconstructionError, _AppendTeacher, find_blocks
 
 from .conftest import make_tiny_model
 
@@ -83,12 +83,13 @@ def test_inputs_come_from_the_quantized_prefix_and_fp_weights_are_released(monke
     assert not torch.allclose(seen[1], fp_block1_inputs["x"], atol=1e-4)
 
 
-@pytest.mark.parametrize("targets", ["quantized_inputs", "fp_inputs"])
-def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path, monkeypatch, targets):
+@pytest.mark.parametrize(("targets", "e2e_steps"), [("quantized_inputs", 0), ("fp_inputs", 0),
+                                                    ("quantized_inputs", 4)])
+def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path, monkeypatch, targets, e2e_steps):
     tokens = calib_tokens()
 
     def cfg(**kw):
-        return globals()["cfg"](calibration_targets=targets, **kw)
+        return globals()["cfg"](calibration_targets=targets, calibration_e2e_steps=e2e_steps, **kw)
 
     full = hf_littlebit.quantize(make_tiny_model("llama"), cfg(), calibration=tokens, progress=False,
                                  work_dir=tmp_path / "full")
@@ -166,3 +167,49 @@ def test_activations_spilled_to_disk_give_the_same_model(tmp_path):
     a, b = in_memory.state_dict(), spilled.state_dict()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def test_the_teacher_hook_gives_the_fp_models_logits_from_its_last_hidden_states():
+    fp = make_tiny_model("gemma3")  # final norm and logit soft-capping follow the blocks
+    ids = calib_tokens(2, 16, seed=3)
+    _, blocks = find_blocks(fp)
+    seen = {}
+    handle = blocks[-1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out[0] if isinstance(
+        out, tuple) else out).clone())
+    ref = logits(fp, ids)
+    handle.remove()
+
+    student = hf_littlebit.quantize(make_tiny_model("gemma3"), cfg(), progress=False)
+    hook = _AppendTeacher()
+    hook.teacher = seen["h"]
+    handle = find_blocks(student)[1][-1].register_forward_hook(hook)
+    both = logits(student, ids)
+    handle.remove()
+    assert both.shape[0] == 2 * ids.shape[0]
+    torch.testing.assert_close(both[2:], ref)
+    torch.testing.assert_close(both[:2], logits(student, ids))
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_end_to_end_phase_lowers_the_kl_and_tunes_only_the_scales(arch):
+    tokens = calib_tokens()
+    blockwise = hf_littlebit.quantize(make_tiny_model(arch), cfg(calibration_steps=10), calibration=tokens,
+                                      progress=False)
+    assert blockwise.hf_quantizer.reconstruction.end_to_end is None
+    tuned = hf_littlebit.quantize(make_tiny_model(arch), cfg(calibration_steps=10, calibration_e2e_steps=20,
+                                                             calibration_e2e_lr=5e-2),
+                                  calibration=tokens, progress=False)
+    report = tuned.hf_quantizer.reconstruction.end_to_end
+    assert report is not None and report.steps == 20
+    assert report.kl_after < 0.9 * report.kl_before
+    a, b = blockwise.state_dict(), tuned.state_dict()
+    assert a.keys() == b.keys()
+    bits = [k for k in a if k.endswith("_bits")]
+    scales = [k for k in a if k.rsplit(".", 1)[-1] in ("h", "l", "g") or k.endswith(("_h", "_l", "_g"))]
+    assert bits and scales
+    for key in bits:  # the same block-wise pass, then only scales move
+        assert torch.equal(a[key], b[key]), key
+    assert any(not torch.equal(a[key], b[key]) for key in scales)
+    layers = [m for m in tuned.modules() if isinstance(m, LittleBitLinear)]
+    assert layers and all(layer.is_packed and not layer.is_trainable for layer in layers)
+    assert not any(p.requires_grad for layer in layers for p in layer.parameters())
