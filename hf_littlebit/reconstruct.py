@@ -343,6 +343,16 @@ def _cosine_lr_(optimizer: torch.optim.Optimizer, step: int, steps: int) -> None
         group["lr"] = group["initial_lr"] * factor
 
 
+def _minibatch_indices(n: int, steps: int, seed: int) -> Iterator[int]:
+    """``steps`` batch indices in ``range(n)``: seeded shuffles, one pass over the batches after another."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if not order:
+            order = torch.randperm(n, generator=generator).tolist()
+        yield order.pop()
+
+
 def _adam(groups: list[dict]) -> torch.optim.Adam:
     optimizer = torch.optim.Adam(groups)
     for group in optimizer.param_groups:
@@ -359,13 +369,8 @@ def optimise_block(
     for p in norms:
         p.requires_grad_(True)
     optimizer = _adam(_latent_param_groups(layers, norms, opts))
-    generator = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     with torch.enable_grad():
-        for step in range(opts.steps):
-            if not order:
-                order = torch.randperm(len(inputs), generator=generator).tolist()
-            i = order.pop()
+        for step, i in enumerate(_minibatch_indices(len(inputs), opts.steps, seed)):
             _cosine_lr_(optimizer, step, opts.steps)
             y = block_output(block, inputs[i].to(device), kwargs)
             loss = block_loss(y, targets[i].to(device), opts.loss)
@@ -447,14 +452,9 @@ def tune_end_to_end(
         before = measure()
         optimizer = _adam(_latent_param_groups(layers, [], opts, scale_lr=opts.e2e_lr)
                           + ([{"params": norms, "lr": opts.norm_lr}] if norms else []))
-        generator = torch.Generator().manual_seed(seed)
-        order: list[int] = []
         bar = logging.tqdm(total=opts.e2e_steps, desc="LittleBit end-to-end", unit="step", disable=not progress)
         with torch.enable_grad():
-            for step in range(opts.e2e_steps):
-                if not order:
-                    order = torch.randperm(len(batches), generator=generator).tolist()
-                i = order.pop()
+            for step, i in enumerate(_minibatch_indices(len(batches), opts.e2e_steps, seed)):
                 _cosine_lr_(optimizer, step, opts.e2e_steps)
                 loss = next_token_kl(*_student_and_teacher_logits(model, hook, batches[i], teacher_hidden[i]))
                 optimizer.zero_grad(set_to_none=True)
