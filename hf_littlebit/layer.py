@@ -294,10 +294,24 @@ class LittleBitLinear(nn.Module):
         self._sign_cache.clear()
 
     def latent_signs(self, prefix: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """±1 factors of one path in trainable mode, differentiable through the sign estimator."""
-        u = self._sign_fn(getattr(self, prefix + "u_latent"))
-        v = self._sign_fn(getattr(self, prefix + "v_latent"))
-        return u.to(dtype), v.to(dtype)
+        """±1 factors of one path in trainable mode, differentiable through the sign estimator.
+
+        Frozen latents (e.g. the end-to-end calibration phase, which tunes scales only) have constant signs: those
+        are taken once and cached, stamped like :meth:`signs`, instead of on every forward.
+        """
+        return self._latent_sign(prefix + "u_latent", dtype), self._latent_sign(prefix + "v_latent", dtype)
+
+    def _latent_sign(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        latent = getattr(self, name)
+        if latent.requires_grad:
+            return self._sign_fn(latent).to(dtype)
+        key = ("latent", name, dtype)
+        stamp = (latent.data_ptr(), _version(latent), latent.device)
+        hit = self._sign_cache.get(key)
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, self._sign_fn(latent.detach()).to(dtype))
+            self._sign_cache[key] = hit
+        return hit[1]
 
     @torch.no_grad()
     def pack_(self) -> None:

@@ -46,6 +46,7 @@ from transformers.utils import logging
 from .activation_stats import InputSecondMoments
 from .config import LittleBitConfig
 from .integration import LayerPlan, factorize_for_layer, new_littlebit_layer
+from .kl import token_kl
 from .layer import LittleBitLinear
 
 logger = logging.get_logger(__name__)
@@ -384,9 +385,7 @@ def optimise_block(
 # ---------------------------------------------------------------------------------------------------- end to end
 def next_token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student) of the next-token distributions."""
-    s = torch.log_softmax(logits.float(), dim=-1)
-    t = torch.log_softmax(teacher_logits.float(), dim=-1)
-    return (t.exp() * (t - s)).sum(-1).mean()
+    return token_kl(logits, teacher_logits).mean()
 
 
 class _AppendTeacher:

@@ -26,6 +26,7 @@ from transformers.utils import logging
 
 from .factorize import FACTORIZERS
 from .integration import layer_seed, littlebit_layers
+from .kl import token_kl
 from .modes import LittleBitTrainingError, frozen_embedding_params, is_trainable, pack
 from .packing import pack_signs, unpack_signs
 
@@ -108,9 +109,7 @@ def distillation_loss(
     denom = num_items if num_items is not None else local
     seq_factor = student_logits.shape[1] if cfg.kd_reduction == "batchmean" else 1
     t = cfg.temperature
-    s_logp = F.log_softmax(student_logits.float() / t, dim=-1)
-    t_logp = F.log_softmax(teacher_logits.to(student_logits.device).float() / t, dim=-1)
-    kl_tok = F.kl_div(s_logp, t_logp, log_target=True, reduction="none").sum(-1) * (t * t)
+    kl_tok = token_kl(student_logits, teacher_logits.detach(), temperature=t) * (t * t)
     kd_sum = (kl_tok * mask).sum() * seq_factor
     loss = cfg.kd_weight * kd_sum / denom
     # Logged parts are normalised by this batch's own tokens (comparable across accumulation and processes).

@@ -85,6 +85,29 @@ def test_training_step_changes_signs_and_pack_keeps_them():
     torch.testing.assert_close(layer(x), trained)
 
 
+def test_frozen_latents_signs_are_cached_and_follow_in_place_edits():
+    """The end-to-end phase freezes the latents and tunes scales: their signs are taken once, not per forward, and
+    an in-place change of a latent (or unfreezing it) is seen at once."""
+    layer, paths = _layer(residual=False)
+    layer.make_trainable_(paths, estimator="ste")
+    x = torch.randn(3, 56)
+    trained_ref = layer(x).detach()
+    for name in ("u_latent", "v_latent"):
+        getattr(layer, name).requires_grad_(False)
+    out = layer(x)
+    torch.testing.assert_close(out, trained_ref)
+    out.sum().backward()
+    assert layer.h.grad is not None and layer.u_latent.grad is None
+    first = layer.latent_signs("", torch.float32)
+    assert layer.latent_signs("", torch.float32)[0] is first[0]  # cached
+    with torch.no_grad():
+        layer.u_latent.neg_()
+    torch.testing.assert_close(layer.latent_signs("", torch.float32)[0], -first[0])  # the version stamp moved
+    layer.u_latent.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.u_latent.grad is not None  # unfrozen: through the estimator again
+
+
 def test_make_trainable_from_packed_layer_keeps_the_function():
     layer, paths = _layer(scale_dtype=torch.float16)
     layer.set_factors_(paths)
