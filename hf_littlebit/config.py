@@ -90,7 +90,8 @@ class LittleBitConfig(QuantizationConfigMixin):
             quantized model's next-token distribution matches the fp model's on the calibration sequences (KL). Block
             fits each see only their own output; this phase repairs the error that compounds across blocks.
             Each step is a forward and backward pass of the whole model on one calibration batch, and the phase
-            holds every layer in trainable mode (fp32 copies of the ±1 factors, 32× their packed size).
+            holds every layer in trainable mode (fp32 latent factors, 32× their packed size, plus their ±1 signs
+            cached in the compute dtype since they stay fixed).
         calibration_e2e_lr: Adam learning rate of that phase, relative to each tensor's RMS.
         calibration_offload_gib: a block's calibration activations larger than this are kept on disk (in the work
             folder, else a temporary folder) instead of in memory.

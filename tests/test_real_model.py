@@ -23,7 +23,8 @@ def test_smollm2_quantize_eval_save_reload(tmp_path, capsys):
     assert assets.sha256_file(MODEL_DIR / "model.safetensors") == assets.MODEL_SHA256
     out_dir = tmp_path / "q"
     code = main(["--quiet", "quantize", "--bpw", "0.55", "--eval", "--max-tokens", "2048", "--seqlen", "1024",
-                 "--json", "--out", str(out_dir), "--calib-samples", "8", "--calib-seqlen", "128", "--steps", "4"])
+                 "--json", "--out", str(out_dir), "--calib-samples", "8", "--calib-seqlen", "128", "--steps", "4",
+                 "--e2e-steps", "2"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     result = json.loads(captured.out)
@@ -31,6 +32,7 @@ def test_smollm2_quantize_eval_save_reload(tmp_path, capsys):
     assert 15 < result["ppl_fp"] < 30  # SmolLM2 on the Wikipedia test split: ≈ 21
     assert result["ppl_quantized"] > result["ppl_fp"]  # a few calibration steps do not reach the fp model...
     assert result["calibrated"] and result["block_loss_after"] < result["block_loss_before"]
+    assert result["e2e_steps"] == 2 and 0 <= result["e2e_kl_after"] < 2 * result["e2e_kl_before"]
     assert result["ppl_quantized"] < 1e8  # ...but are far from data-free 0.55 bpw (≈ 7e10 on these windows)
     assert 0.5 < result["bpw_true"] < 0.6
     assert result["model_bytes_quantized"] < 0.3 * result["model_bytes_fp"]
