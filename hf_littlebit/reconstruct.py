@@ -449,8 +449,7 @@ def tune_end_to_end(
                        for i in range(n)) / max(n, 1)
 
         before = measure()
-        optimizer = _adam(_latent_param_groups(layers, [], opts, scale_lr=opts.e2e_lr)
-                          + ([{"params": norms, "lr": opts.norm_lr}] if norms else []))
+        optimizer = _adam(_latent_param_groups(layers, norms, opts, scale_lr=opts.e2e_lr))
         bar = logging.tqdm(total=opts.e2e_steps, desc="LittleBit end-to-end", unit="step", disable=not progress)
         with torch.enable_grad():
             for step, i in enumerate(_minibatch_indices(len(batches), opts.e2e_steps, seed)):
