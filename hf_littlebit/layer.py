@@ -28,6 +28,8 @@ is chosen by :mod:`hf_littlebit.backends`. The layer knows nothing of how the fa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -206,15 +208,10 @@ class LittleBitLinear(nn.Module):
         ``.to()`` moves or in-place loads invalidate it instead of serving stale signs.
         """
         u_bits, v_bits = getattr(self, prefix + "u_bits"), getattr(self, prefix + "v_bits")
-        key = (prefix, device, dtype)
-        stamp = (u_bits.data_ptr(), _version(u_bits), v_bits.data_ptr(), _version(v_bits))
-        hit = self._sign_cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
-        u = unpack_signs(u_bits.to(device), self.rank, dtype)
-        v = unpack_signs(v_bits.to(device), self.in_features, dtype)
-        self._sign_cache[key] = (stamp, u, v)
-        return u, v
+        return self._cached((prefix, device, dtype), [u_bits, v_bits], lambda: (
+            unpack_signs(u_bits.to(device), self.rank, dtype),
+            unpack_signs(v_bits.to(device), self.in_features, dtype),
+        ))
 
     def folded_factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` with ``Ŵ = B A``: ``A`` stacks ``S_V diag(g)`` of the active paths (Σr × d_in), ``B`` puts
@@ -225,24 +222,31 @@ class LittleBitLinear(nn.Module):
         stamped with every packed tensor's identity and version, like :meth:`signs`.
         """
         prefixes = self.active_prefixes
+
+        def build() -> tuple[torch.Tensor, torch.Tensor]:
+            a_parts, b_parts = [], []
+            for prefix in prefixes:
+                # Unpacked here rather than through signs(): that would keep a second, unfolded fp32 copy cached.
+                u = unpack_signs(getattr(self, prefix + "u_bits").to(device), self.rank)
+                v = unpack_signs(getattr(self, prefix + "v_bits").to(device), self.in_features)
+                h, l, g = (getattr(self, prefix + n).to(device=device, dtype=torch.float32) for n in SCALE_NAMES)
+                a_parts.append(v * g)
+                b_parts.append(u * l * h[:, None])
+            return (torch.cat(a_parts, dim=0).to(dtype).contiguous(),
+                    torch.cat(b_parts, dim=1).to(dtype).contiguous())
+
         tensors = [getattr(self, prefix + name) for prefix in prefixes for name in PATH_TENSORS]
-        stamp = tuple((t.data_ptr(), _version(t)) for t in tensors)
-        key = ("folded", prefixes, device, dtype)
+        return self._cached(("folded", prefixes, device, dtype), tensors, build)
+
+    def _cached(self, key: tuple, sources: list[torch.Tensor], build: Callable[[], Any]) -> Any:
+        """``build()``, kept in the cache under ``key`` and stamped with the identity and in-place version of each
+        of ``sources``: a swapped, moved or edited source rebuilds it instead of serving a stale value."""
+        stamp = tuple((t.data_ptr(), _version(t)) for t in sources)
         hit = self._sign_cache.get(key)
-        if hit is not None and hit[0] == stamp:
-            return hit[1], hit[2]
-        a_parts, b_parts = [], []
-        for prefix in prefixes:
-            # Unpacked here rather than through signs(): that would keep a second, unfolded fp32 copy cached.
-            u = unpack_signs(getattr(self, prefix + "u_bits").to(device), self.rank)
-            v = unpack_signs(getattr(self, prefix + "v_bits").to(device), self.in_features)
-            h, l, g = (getattr(self, prefix + n).to(device=device, dtype=torch.float32) for n in SCALE_NAMES)
-            a_parts.append(v * g)
-            b_parts.append(u * l * h[:, None])
-        a = torch.cat(a_parts, dim=0).to(dtype).contiguous()
-        b = torch.cat(b_parts, dim=1).to(dtype).contiguous()
-        self._sign_cache[key] = (stamp, a, b)
-        return a, b
+        if hit is None or hit[0] != stamp:
+            hit = (stamp, build())
+            self._sign_cache[key] = hit
+        return hit[1]
 
     def clear_cache(self) -> None:
         """Free the unpacked ±1 factors (they are rebuilt on the next forward)."""
@@ -305,13 +309,8 @@ class LittleBitLinear(nn.Module):
         latent = getattr(self, name)
         if latent.requires_grad:
             return self._sign_fn(latent).to(dtype)
-        key = ("latent", name, dtype)
-        stamp = (latent.data_ptr(), _version(latent), latent.device)
-        hit = self._sign_cache.get(key)
-        if hit is None or hit[0] != stamp:
-            hit = (stamp, self._sign_fn(latent.detach()).to(dtype))
-            self._sign_cache[key] = hit
-        return hit[1]
+        return self._cached(("latent", name, latent.device, dtype), [latent],
+                            lambda: self._sign_fn(latent.detach()).to(dtype))
 
     @torch.no_grad()
     def pack_(self) -> None:
