@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from hf_littlebit.budget import paper_rank, true_bpw
 from hf_littlebit.factorize import factorize, relative_error
+from hf_littlebit.format.budget import paper_rank, true_bpw
 
 
 def gauss(n: int, g: torch.Generator) -> torch.Tensor:

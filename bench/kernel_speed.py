@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from hf_littlebit import LittleBitConfig, LittleBitLinear
-from hf_littlebit.budget import choose_rank
+from hf_littlebit.format.budget import choose_rank
 
 DEFAULT_SHAPES = ("4096x4096", "4096x11008", "11008x4096", "8192x28672")
 

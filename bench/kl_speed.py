@@ -1,4 +1,4 @@
-"""Forward + backward time of the per-token KL: autograd's plain formula vs ``hf_littlebit.kl.token_kl``.
+"""Forward + backward time of the per-token KL: autograd's plain formula vs ``hf_littlebit.nn.kl.token_kl``.
 
 usage: python bench/kl_speed.py [--tokens 1024] [--vocab 49152] [--repeats 5]
 
@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hf_littlebit.kl import token_kl
+from hf_littlebit.nn.kl import token_kl
 
 
 def autograd_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_littlebit.assets import ensure_assets
-from hf_littlebit.budget import choose_rank, dbf_rank, stored_bits, true_bpw
 from hf_littlebit.factorize import factorize, relative_error
+from hf_littlebit.format.budget import choose_rank, dbf_rank, stored_bits, true_bpw
 
 METHODS = ("littlebit", "littlebit2", "dbf")
 

@@ -28,7 +28,7 @@ from transformers.utils import logging as hf_logging
 
 import hf_littlebit
 from hf_littlebit.assets import ensure_assets
-from hf_littlebit.perplexity import perplexity, tokenize_stream
+from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
 
 
 class TimeBudget(TrainerCallback):

@@ -28,8 +28,8 @@ from transformers.utils import logging as hf_logging
 
 import hf_littlebit
 from hf_littlebit.assets import ensure_assets
-from hf_littlebit.budget import choose_rank, stored_bits
-from hf_littlebit.perplexity import perplexity, tokenize_stream
+from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
+from hf_littlebit.format.budget import choose_rank, stored_bits
 
 
 def linear_layers(model):

@@ -144,7 +144,9 @@ def wikipedia_articles(xml_bz2: bytes) -> list[str]:
     try:
         import mwparserfromhell
     except ImportError:
-        raise AssetError("preparing the Wikipedia text needs `pip install mwparserfromhell`") from None
+        raise AssetError(
+            "preparing the Wikipedia text needs the assets extra: pip install 'hf-littlebit[assets]'"
+        ) from None
     articles = []
     for _, el in ElementTree.iterparse(io.BytesIO(bz2.decompress(xml_bz2))):
         if not el.tag.endswith("}page"):
@@ -226,7 +228,9 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError:
-        raise AssetError("converting the GGUF model needs `pip install gguf`") from None
+        raise AssetError(
+            "converting the GGUF model needs the assets extra: pip install 'hf-littlebit[assets]'"
+        ) from None
     src_dir, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(src_dir, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)

@@ -9,9 +9,8 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .backends import BACKEND_CHOICES
-from .budget import is_valid_bpw
-from .estimators import ESTIMATORS
+from .format.budget import is_valid_bpw
+from .nn.estimators import ESTIMATORS
 
 QUANT_METHOD = "littlebit"
 FORMAT_VERSION = 1
@@ -23,6 +22,10 @@ PLANNED_METHODS: tuple[str, ...] = ()
 ALLOCATIONS = ("uniform", "auto")
 CALIBRATION_LOSSES = ("token_normalized", "mse")
 CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
+
+# Names of the forward backends (hf_littlebit.backends.dispatch.BACKENDS plus "auto"; a test keeps the two equal).
+# Spelled out here so that the config, a plain description of what the user asks for, imports no backend.
+BACKEND_CHOICES = ("auto", "torch", "triton")
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -43,7 +46,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
         method: how the binary factors are found: ``"littlebit"`` (Dual-SVID), ``"littlebit2"`` (Internal Latent
             Rotation with Joint-ITQ, then Dual-SVID) or ``"dbf"`` (Double Binary Factorization: signs optimised
-            by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.budget.dbf_rank`). Same stored format.
+            by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.format.budget.dbf_rank`). Same stored format.
         residual: add a second binary path fitted to the first path's error (the budget is split between both).
             ``None`` (default): the method's own choice, on for ``"littlebit"``/``"littlebit2"``, off for ``"dbf"``.
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
@@ -51,7 +54,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             Embeddings and norms are never converted (they are not ``nn.Linear``).
         allocation: ``"uniform"`` (every layer gets the rank its shape allows at ``bpw``) or ``"auto"`` (one budget
             of ``bpw`` true bits per weight for the whole model, ranks granted greedily to the layers whose spectra
-            lose the most per bit; :mod:`hf_littlebit.allocate`). The chosen ranks are saved like any others.
+            lose the most per bit; :mod:`hf_littlebit.quantize.allocate`). The chosen ranks are saved like any others.
         bpw_multipliers: ``{regex: factor}`` multiplying the float rank of matching module names before rounding.
         kv_factor: the paper's K/V knob, shorthand for ``bpw_multipliers={r"\\.(k_proj|v_proj)$": kv_factor}``.
         min_rank: floor of the rank (layers too small for the target get this rank and a warning).
@@ -63,8 +66,8 @@ class LittleBitConfig(QuantizationConfigMixin):
             instead of its weight error. ``None`` (default): on for ``"dbf"`` (its published recipe), off otherwise.
         scale_dtype: storage dtype of the scale vectors h, l, g: ``"float16"`` (default), ``"bfloat16"``,
             ``"float32"``.
-        calibration: calibration data for block-wise reconstruction (:mod:`hf_littlebit.reconstruct`): ``"default"``
-            (the project's training split of the bundled corpora), a string, a list of strings, a
+        calibration: calibration data for block-wise reconstruction (:mod:`hf_littlebit.quantize.reconstruct`):
+            ``"default"`` (the project's training split of the bundled corpora), a string, a list of strings, a
             ``datasets.Dataset`` with a ``text`` column, or token ids. ``None`` (default) quantizes data-free. Only
             ``"default"`` is written to ``config.json``; other data is recorded by description in
             ``calibrated_with``.

@@ -6,8 +6,8 @@ from transformers import AutoModelForCausalLM
 
 import hf_littlebit
 from hf_littlebit import LittleBitConfig, LittleBitLinear
-from hf_littlebit.allocate import LayerShape, allocate_ranks, normalised_spectrum
-from hf_littlebit.budget import stored_bits
+from hf_littlebit.format.budget import stored_bits
+from hf_littlebit.quantize.allocate import LayerShape, allocate_ranks, normalised_spectrum
 
 
 def spectrum(n, decay):

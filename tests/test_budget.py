@@ -1,6 +1,6 @@
 import pytest
 
-from hf_littlebit.budget import choose_rank, paper_bpw, paper_rank, rank_float, stored_bits, true_bpw
+from hf_littlebit.format.budget import choose_rank, paper_bpw, paper_rank, rank_float, stored_bits, true_bpw
 
 # METHODS.md F3: (d_in, d_out, bpw) → (rank, actual bpw) with / without residual.
 F3 = [

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_littlebit.calibration import CalibrationError, calibration_tokens, describe_source
+from hf_littlebit import CalibrationError
+from hf_littlebit.quantize.calibration import calibration_tokens, describe_source
 
 from .conftest import fake_text, make_tiny_tokenizer
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from hf_littlebit.cli import main
+from hf_littlebit.cli.main import main
 
 
 def run(capsys, *argv):
@@ -89,8 +89,8 @@ def test_module_entry_point_and_usage_error():
 def test_lm_eval_adapter_registers_the_plugin_before_the_harness_runs(monkeypatch):
     import types
 
-    from hf_littlebit import lm_eval_adapter
-    from hf_littlebit.registration import is_registered
+    from hf_littlebit.integrations import lm_eval_adapter
+    from hf_littlebit.integrations.registration import is_registered
 
     seen = {}
     fake = types.ModuleType("lm_eval")

@@ -6,10 +6,10 @@ from transformers import AutoModelForCausalLM
 
 import hf_littlebit
 from hf_littlebit import LittleBitConfig, LittleBitLinear
-from hf_littlebit.activation_stats import InputSecondMoments
-from hf_littlebit.budget import dbf_rank, true_bpw
 from hf_littlebit.factorize import binary_sign, factorize, relative_error
 from hf_littlebit.factorize.dbf import dbf, svid_projection
+from hf_littlebit.format.budget import dbf_rank, true_bpw
+from hf_littlebit.quantize.activation_stats import InputSecondMoments
 
 from .conftest import make_tiny_model
 from .test_factorize import channel_scaled, coherent_power_law, gauss

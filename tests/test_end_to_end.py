@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 import hf_littlebit
 from hf_littlebit import LittleBitConfig, LittleBitLinear
 from hf_littlebit.factorize import factorize
-from hf_littlebit.integration import layer_seed
+from hf_littlebit.quantize.layers import layer_seed
 
 ARCHS = ["llama", "qwen2", "opt", "gemma3"]
 
@@ -54,7 +54,7 @@ def test_quantize_save_reload_in_fresh_process(arch, dtype, fp_checkpoint, tmp_p
     model = quantize(fp_dir, bpw=1.0, dtype=dtype)
 
     # every decoder Linear converted, the LM head kept, biases kept bit-exactly
-    converted = hf_littlebit.integration.littlebit_layers(model)
+    converted = hf_littlebit.nn.layer.littlebit_layers(model)
     assert set(converted) == linear_names(fp_model) - {"lm_head"}
     assert isinstance(model.lm_head, torch.nn.Linear)
     assert set(model.config.quantization_config.layer_ranks) == set(converted)
@@ -176,7 +176,7 @@ def test_dequantize_gives_dense_linears_with_the_same_function(fp_checkpoint, to
     with torch.no_grad():
         ref = model(tokens).logits
         model.dequantize()
-        assert not hf_littlebit.integration.littlebit_layers(model)
+        assert not hf_littlebit.nn.layer.littlebit_layers(model)
         assert torch.allclose(model(tokens).logits, ref, atol=1e-4, rtol=1e-4)
 
 

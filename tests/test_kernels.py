@@ -14,9 +14,11 @@ pytest.importorskip("triton", reason="triton is not installed (pip install 'trit
 pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
 
 from hf_littlebit import LittleBitConfig, LittleBitLinear, set_backend  # noqa: E402
-from hf_littlebit.backends import select_backend, torch_forward  # noqa: E402
+from hf_littlebit.backends.dispatch import select_backend  # noqa: E402
+from hf_littlebit.backends.reference import torch_forward  # noqa: E402
+from hf_littlebit.backends.triton import interpreter_enabled  # noqa: E402
 from hf_littlebit.factorize import factorize  # noqa: E402
-from hf_littlebit.kernels import binary_lowrank, interpreter_enabled  # noqa: E402
+from hf_littlebit.kernels import binary_lowrank  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not interpreter_enabled(), reason="needs TRITON_INTERPRET=1 (set by conftest.py)")
 

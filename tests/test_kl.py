@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_littlebit.kl import token_kl
+from hf_littlebit.nn.kl import token_kl
 
 
 def _reference(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from hf_littlebit.packing import pack_signs, packed_width, unpack_signs
+from hf_littlebit.format.packing import pack_signs, packed_width, unpack_signs
 
 
 def signs_of(x):

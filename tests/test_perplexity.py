@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from hf_littlebit.perplexity import perplexity, tokenize_stream, tokenizer_bos
+from hf_littlebit.eval.perplexity import perplexity, tokenize_stream, tokenizer_bos
 
 from .conftest import fake_text, make_tiny_model, make_tiny_tokenizer
 

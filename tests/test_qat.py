@@ -19,7 +19,7 @@ from hf_littlebit import (
     LittleBitTrainingError,
     distillation_loss,
 )
-from hf_littlebit.integration import littlebit_layers
+from hf_littlebit.nn.layer import littlebit_layers
 
 hf_logging.disable_progress_bar()
 hf_logging.set_verbosity_error()
@@ -207,7 +207,7 @@ def test_lm_only_callback_without_teacher(fp_checkpoint, tmp_path):
 def test_peft_lora_on_packed_model_trains_saves_and_reloads(fp_checkpoint, tmp_path, tokens):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from hf_littlebit.peft_lora import LittleBitLoraLinear
+    from hf_littlebit.integrations.peft_lora import LittleBitLoraLinear
 
     path = fp_checkpoint("llama")
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LittleBitConfig(bpw=1.0))

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hf_littlebit import assets
-from hf_littlebit.cli import main
+from hf_littlebit.cli.main import main
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import hf_littlebit
-from hf_littlebit import LittleBitConfig, LittleBitLinear
-from hf_littlebit.reconstruct import BlockReconstructor, ReconstructionError, _AppendTeacher, find_blocks
+from hf_littlebit import LittleBitConfig, LittleBitLinear, ReconstructionError
+from hf_littlebit.quantize.reconstruct.capture import find_blocks
+from hf_littlebit.quantize.reconstruct.driver import BlockReconstructor
+from hf_littlebit.quantize.reconstruct.end_to_end import _AppendTeacher
 
 from .conftest import make_tiny_model
 

@@ -8,7 +8,7 @@ from transformers.quantizers import auto as hf_auto
 
 import hf_littlebit
 import hf_littlebit.kernels
-from hf_littlebit.registration import is_registered, register
+from hf_littlebit.integrations.registration import is_registered, register
 
 
 def test_import_registers_littlebit():
@@ -20,8 +20,8 @@ def test_import_registers_littlebit():
 def test_register_twice_and_reload_do_not_raise():
     register()
     register()
-    importlib.reload(importlib.import_module("hf_littlebit.quantizer"))
-    importlib.reload(importlib.import_module("hf_littlebit.registration"))
+    importlib.reload(importlib.import_module("hf_littlebit.integrations.quantizer"))
+    importlib.reload(importlib.import_module("hf_littlebit.integrations.registration"))
     importlib.reload(hf_littlebit)
     assert is_registered()
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_littlebit.estimators import ClippedSTE, SmoothSign, sign_estimator
 from hf_littlebit.factorize import factorize
-from hf_littlebit.layer import LittleBitLinear
+from hf_littlebit.nn.estimators import ClippedSTE, SmoothSign, sign_estimator
+from hf_littlebit.nn.layer import LittleBitLinear
 
 
 def test_smoothsign_forward_is_sign_and_backward_is_tanh_derivative():

@@ -31,7 +31,7 @@ rank = trainer.args.process_index
 checksum = sum(float(p.detach().double().sum()) for p in student.parameters() if p.is_floating_point())
 (out / f"rank{rank}.json").write_text(json.dumps({"world": trainer.args.world_size, "checksum": checksum,
                                                    "packed": all(layer.is_packed for layer in
-                                                                 hf_littlebit.integration.littlebit_layers(student)
+                                                                 hf_littlebit.nn.layer.littlebit_layers(student)
                                                                  .values())}))
 if trainer.is_world_process_zero():
     student.save_pretrained(out / "packed")

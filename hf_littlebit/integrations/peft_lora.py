@@ -5,7 +5,7 @@ per config object and is not written to ``adapter_config.json``. :func:`register
 ``LoraConfig.__post_init__`` once, so that *every* ``LoraConfig`` — the user's, and the one PEFT rebuilds from
 ``adapter_config.json`` in ``PeftModel.from_pretrained`` — maps ``LittleBitLinear`` to :class:`LittleBitLoraLinear`.
 It runs on ``import hf_littlebit`` when peft is installed; the mapping only ever matches ``LittleBitLinear``.
-For a ``LoraConfig`` created before the import, call ``hf_littlebit.peft_lora.add_mapping(config)``.
+For a ``LoraConfig`` created before the import, call ``hf_littlebit.add_lora_mapping(config)``.
 
 Merging is refused: LoRA's dense update cannot be folded into binary factors without re-quantizing.
 """
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .layer import LittleBitLinear
+from ..nn.layer import LittleBitLinear
 
 try:
     from peft.tuners.lora import LoraConfig, LoraLayer
@@ -90,7 +90,7 @@ else:  # pragma: no cover
     LittleBitLoraLinear = None
 
 
-def add_mapping(config: Any) -> Any:
+def add_lora_mapping(config: Any) -> Any:
     """Map ``LittleBitLinear`` → :class:`LittleBitLoraLinear` on one ``LoraConfig`` (idempotent); returns it."""
     if LittleBitLoraLinear is None:
         raise ImportError("peft is not installed: pip install peft")
@@ -109,7 +109,7 @@ def register_lora() -> bool:
     @functools.wraps(original)
     def post_init(self: Any, *args: Any, **kwargs: Any) -> None:
         original(self, *args, **kwargs)
-        add_mapping(self)
+        add_lora_mapping(self)
 
     setattr(post_init, _PATCH_FLAG, True)
     LoraConfig.__post_init__ = post_init

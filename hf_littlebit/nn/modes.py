@@ -1,4 +1,4 @@
-"""Whole-model switches between the packed (inference) mode and the trainable (QAT) mode.
+"""Whole-model switches: packed (inference) ↔ trainable (QAT) mode, and the forward backend of every layer.
 
 A littlebit model is *packed* after quantization or loading: ±1 factors as bits, fp16 scales, all frozen. For
 quantization-aware training every ``LittleBitLinear`` goes to trainable mode (fp32 latent factors whose signs pass
@@ -19,11 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .integration import littlebit_layers
-
-
-class LittleBitTrainingError(ValueError):
-    """The model is not set up for training (packed without adapters, missing teacher, ...)."""
+from ..backends.dispatch import check_backend_name
+from ..errors import LittleBitTrainingError
+from .layer import littlebit_layers
+from .trainable import LATENT_NAMES, SCALE_NAMES
 
 
 def _config(model: nn.Module) -> Any:
@@ -133,8 +132,6 @@ def _check_unsharded(name: str, layer: nn.Module) -> None:
 
 
 def _trainable_names(layer: nn.Module) -> set[str]:
-    from .layer import LATENT_NAMES, SCALE_NAMES
-
     return {prefix + n for prefix in layer.path_prefixes for n in (*LATENT_NAMES, *SCALE_NAMES)}
 
 
@@ -142,3 +139,13 @@ def install_model_methods(model: nn.Module) -> None:
     """``model.littlebit_pack()`` and ``model.littlebit_make_trainable(...)`` as bound methods of this instance."""
     model.littlebit_pack = types.MethodType(pack, model)
     model.littlebit_make_trainable = types.MethodType(make_trainable, model)
+
+
+def set_backend(model: nn.Module, backend: str) -> int:
+    """Set the backend of every LittleBit layer of ``model`` (``"auto"``, ``"torch"`` or ``"triton"``); returns
+    how many layers were changed. ``$LITTLEBIT_BACKEND`` still overrides it."""
+    check_backend_name(backend, "set_backend")
+    layers = littlebit_layers(model)
+    for layer in layers.values():
+        layer.backend = backend
+    return len(layers)

@@ -3,9 +3,10 @@
 The harness loads models with ``AutoModelForCausalLM.from_pretrained``, which handles a littlebit folder only when
 this plugin has been imported in the same process. Two ways to make sure it is:
 
-* command line: ``python -m hf_littlebit.lm_eval_adapter --model hf --model_args pretrained=DIR --tasks piqa``
-  (any ``lm_eval`` argument works; this only registers the plugin and hands over to the harness's own CLI);
-* Python: ``lm_eval.simple_evaluate(model=hf_littlebit.lm_eval_adapter.hflm("DIR"), tasks=[...])``.
+* command line: ``python -m hf_littlebit.integrations.lm_eval_adapter --model hf --model_args pretrained=DIR
+  --tasks piqa`` (any ``lm_eval`` argument works; this only registers the plugin and hands over to the harness's
+  own CLI);
+* Python: ``lm_eval.simple_evaluate(model=hf_littlebit.integrations.lm_eval_adapter.hflm("DIR"), tasks=[...])``.
 """
 
 from __future__ import annotations

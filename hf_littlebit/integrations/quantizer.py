@@ -19,27 +19,18 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
-from .config import FORMAT_VERSION, LittleBitConfig
-from .integration import (
-    LittleBitCheckpointError,
-    check_checkpoint_tensors,
-    littlebit_layers,
-    note_data_free,
-    plan_conversion,
-    quantize_layer_,
-    replace_linears,
-    resolve_modules_to_not_convert,
-)
-from .layer import LittleBitLinear
-from .modes import LittleBitTrainingError, install_model_methods, is_trainable, make_trainable, packed_state_dict
+from ..config import FORMAT_VERSION, LittleBitConfig
+from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
+from ..nn.layer import LittleBitLinear, littlebit_layers
+from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
+from ..quantize.convert import convert_model_
+from ..quantize.layers import note_data_free, quantize_layer_, replace_linears
+from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert
+from .checkpoint import check_checkpoint_tensors
 
 logger = logging.get_logger(__name__)
 
 MODEL_TAGS = ["littlebit", "quantized", "binary-factorization"]
-
-
-class LittleBitQuantizationError(ValueError):
-    """A layer could not be quantized (NaN/Inf weights, scales out of range...)."""
 
 
 class LittleBitQuantizeOp(ConversionOps):
@@ -149,8 +140,6 @@ class LittleBitHfQuantizer(HfQuantizer):
     # -------------------------------------------------------------- after load
     def _process_model_after_weight_loading(self, model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
         if self.converts_after_load:
-            from .api import convert_model_
-
             self.reconstruction = convert_model_(model, self.quantization_config, self.quantization_config.calibration)
         if self._progress is not None:
             self._progress.close()
@@ -169,20 +158,23 @@ class LittleBitHfQuantizer(HfQuantizer):
                 f"{len(unfilled)} LittleBit layer(s) received no weights, e.g. {unfilled[0]}; the checkpoint lacks "
                 "their dense weight (quantize on load) or packed tensors (reload)"
             )
-        for layer in littlebit_layers(model).values():
-            if not layer.is_trainable:
-                layer.requires_grad_(False)  # the loader wraps loaded floats as trainable Parameters
-        if self.quantization_config.trainable:
-            make_trainable(model, self.quantization_config.sign_estimator, self.quantization_config.smoothsign_alpha)
-        self.bind(model)
-        if hasattr(model, "add_model_tags"):
-            model.add_model_tags(MODEL_TAGS)
+        self.finish(model)
         return model
 
-    def bind(self, model: torch.nn.Module) -> None:
-        """Remember ``model`` (weakly) and give it ``littlebit_pack()`` / ``littlebit_make_trainable()``."""
+    def finish(self, model: torch.nn.Module) -> None:
+        """The last step of every way in (load, reload, in-place ``quantize``): packed layers frozen (the loader wraps
+        loaded floats as trainable Parameters), trainable mode if asked for, the model remembered (weakly) with its
+        ``littlebit_pack()`` / ``littlebit_make_trainable()`` methods, and the model tags."""
+        for layer in littlebit_layers(model).values():
+            if not layer.is_trainable:
+                layer.requires_grad_(False)
+        cfg = self.quantization_config
+        if cfg.trainable:
+            make_trainable(model, cfg.sign_estimator, cfg.smoothsign_alpha)
         self._model_ref = weakref.ref(model)
         install_model_methods(model)
+        if hasattr(model, "add_model_tags"):
+            model.add_model_tags(MODEL_TAGS)
 
     # -------------------------------------------------------------- save / flags
     def get_state_dict_and_metadata(

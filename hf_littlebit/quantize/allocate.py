@@ -10,7 +10,7 @@ the most relative error per stored bit, until the next step would exceed the bud
   binary factorisation's error, normalised per layer so that a layer's arbitrary weight scale (absorbed by the norms
   around it) does not matter;
 * bits of a step = the true stored bits of the layer at the new rank minus at the old one
-  (:func:`hf_littlebit.budget.stored_bits`: sign words with their padding and every scale vector).
+  (:func:`hf_littlebit.format.budget.stored_bits`: sign words with their padding and every scale vector).
 
 The marginal gains of a layer never increase (singular values are sorted), so this greedy choice is optimal for
 the proxy, and it is deterministic (ties broken by layer name). The total never exceeds the budget, to the bit.
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .budget import RANK_MULTIPLE, stored_bits
+from ..errors import BudgetTooSmallError
+from ..format.budget import RANK_MULTIPLE, stored_bits
 
 
 @dataclass(frozen=True)
@@ -36,11 +37,6 @@ class LayerShape:
     d_in: int
     d_out: int
     energy: torch.Tensor  # σ_i² / Σσ², float64, length min(d_in, d_out)
-
-
-class BudgetTooSmallError(ValueError):
-    """The model-wide budget cannot give every layer even ``min_rank`` (the scale vectors and the word padding of
-    tiny ranks alone cost ~0.1 bpw on small layers)."""
 
 
 def normalised_spectrum(weight: torch.Tensor) -> torch.Tensor:

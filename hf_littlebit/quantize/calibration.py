@@ -15,13 +15,10 @@ from typing import Any
 
 import torch
 
-from .perplexity import tokenize_stream, tokenizer_bos
+from ..errors import CalibrationError
+from ..eval.perplexity import tokenize_stream, tokenizer_bos
 
 DEFAULT_SOURCE = "default"
-
-
-class CalibrationError(ValueError):
-    """The calibration input cannot give the requested samples."""
 
 
 def describe_source(source: Any) -> str:
@@ -41,7 +38,7 @@ def describe_source(source: Any) -> str:
 
 def _source_text(source: Any, cache_dir: str | None) -> str:
     if source is None or (isinstance(source, str) and source == DEFAULT_SOURCE):
-        from .assets import ensure_assets
+        from ..assets import ensure_assets
 
         return ensure_assets(cache_dir, model=False).text("train")
     if isinstance(source, str):

@@ -1,10 +1,6 @@
-"""``hf_littlebit.quantize``: convert an already loaded full-precision model in place (in the spirit of torchao's
-``quantize_``), data-free or with calibrated block-wise reconstruction.
-
-The result is indistinguishable from ``from_pretrained(..., quantization_config=config)``: same layers, same
-``model.config.quantization_config``, a ``model.hf_quantizer``, so ``save_pretrained`` writes the packed format and a
-plain ``from_pretrained(folder)`` reloads it.
-"""
+"""Converting a loaded full-precision model in place: plan, allocate, then quantize data-free layer by layer or
+calibrated block by block. Shared by :func:`hf_littlebit.quantize` and the HF quantizer's after-load path; it marks
+nothing as quantized (that is the integration's job)."""
 
 from __future__ import annotations
 
@@ -13,25 +9,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.quantizers.base import _assign_is_quantized
+from transformers.quantizers import HfQuantizer
 from transformers.utils import logging
 
-from .calibration import DEFAULT_SOURCE, calibration_tokens, describe_source
-from .config import LittleBitConfig
-from .integration import (
-    allocate_plans,
-    littlebit_layers,
-    new_littlebit_layer,
-    note_data_free,
-    plan_conversion,
-    quantize_layer_,
-    resolve_modules_to_not_convert,
-)
-from .modes import make_trainable
-from .quantizer import MODEL_TAGS, LittleBitHfQuantizer
-from .reconstruct import BlockReconstructor, ReconstructionOptions, ReconstructionResult
-
-logger = logging.get_logger(__name__)
+from ..config import LittleBitConfig
+from ..nn.layer import littlebit_layers
+from .calibration import calibration_tokens, describe_source
+from .layers import new_littlebit_layer, note_data_free, quantize_layer_
+from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert
+from .reconstruct.driver import BlockReconstructor
+from .reconstruct.options import ReconstructionOptions, ReconstructionResult
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -72,7 +59,7 @@ def convert_model_(
     HF quantizer's calibrated path. Returns the reconstruction report when calibrating."""
     if littlebit_layers(model):
         raise ValueError("the model already holds LittleBit layers; quantize the full-precision model instead")
-    default_skips = LittleBitHfQuantizer.get_modules_to_not_convert(
+    default_skips = HfQuantizer.get_modules_to_not_convert(
         model, None, getattr(model, "_keep_in_fp32_modules", None)
     )
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
@@ -119,61 +106,3 @@ def convert_model_(
         "steps_per_block": opts.steps, "end_to_end_steps": opts.e2e_steps,
     }
     return result
-
-
-def attach_quantizer(model: nn.Module, config: LittleBitConfig) -> LittleBitHfQuantizer:
-    """Mark ``model`` as littlebit-quantized exactly as ``from_pretrained`` does (for save/reload/PEFT)."""
-    quantizer = LittleBitHfQuantizer(config, pre_quantized=False)
-    model.hf_quantizer = quantizer
-    model.is_quantized = True
-    model.quantization_method = config.quant_method
-    if hasattr(model, "config"):
-        model.config.quantization_config = config
-        _assign_is_quantized(model)
-    for layer in littlebit_layers(model).values():
-        if not layer.is_trainable:
-            layer.requires_grad_(False)
-    if config.trainable:
-        make_trainable(model, config.sign_estimator, config.smoothsign_alpha)
-    quantizer.bind(model)
-    if hasattr(model, "add_model_tags"):
-        model.add_model_tags(MODEL_TAGS)
-    return quantizer
-
-
-def quantize(
-    model: nn.Module,
-    config: LittleBitConfig,
-    calibration: Any = None,
-    tokenizer: Any = None,
-    *,
-    work_dir: str | os.PathLike | None = None,
-    resume: bool = False,
-    progress: bool = True,
-) -> nn.Module:
-    """Quantize a loaded full-precision model in place and return it.
-
-    Args:
-        model: a Transformers model in full precision (any device; the work runs where its weights are).
-        config: the :class:`LittleBitConfig`; it is updated with the chosen ranks and written to ``model.config``.
-        calibration: overrides ``config.calibration``. ``None`` (and ``config.calibration`` unset) quantizes
-            data-free; ``"default"`` uses the project's training split; strings, a ``datasets.Dataset`` or token ids
-            are accepted (:mod:`hf_littlebit.calibration`).
-        tokenizer: needed to tokenise text (default: the tokenizer saved in the model's local folder).
-        work_dir: folder for the per-block checkpoints of a calibrated run; with ``resume=True`` an interrupted run
-            continues after its last finished block.
-        progress: show progress bars (they also follow transformers' global progress-bar switch).
-    """
-    if getattr(model, "hf_quantizer", None) is not None:
-        raise ValueError(
-            f"the model is already quantized ({model.hf_quantizer.quantization_config.quant_method}); load the "
-            "full-precision checkpoint to quantize it with LittleBit"
-        )
-    if not isinstance(config, LittleBitConfig):
-        raise TypeError(f"config must be a LittleBitConfig, got {type(config).__name__}")
-    source = calibration if calibration is not None else config.calibration
-    if isinstance(source, str) and source == DEFAULT_SOURCE:
-        config.calibration = DEFAULT_SOURCE
-    result = convert_model_(model, config, source, tokenizer, work_dir=work_dir, resume=resume, progress=progress)
-    attach_quantizer(model, config).reconstruction = result
-    return model

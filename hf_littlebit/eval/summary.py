@@ -7,8 +7,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .budget import paper_bpw
-from .integration import littlebit_layers
+from ..format.budget import paper_bpw
+from ..nn.layer import littlebit_layers
 
 
 @dataclass

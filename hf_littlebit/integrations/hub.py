@@ -18,14 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from .config import QUANT_METHOD
-from .integration import littlebit_layers
+from ..config import QUANT_METHOD
+from ..errors import NotALittleBitModelError
+from ..eval.summary import summary
+from ..nn.layer import littlebit_layers
 from .registration import is_registered, register
-from .summary import summary
-
-
-class NotALittleBitModelError(ValueError):
-    """The folder or model is not a littlebit-quantized model."""
 
 
 def from_pretrained(path_or_id: str | os.PathLike, model_class: Any = None, **kwargs: Any) -> nn.Module:

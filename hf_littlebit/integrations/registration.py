@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from transformers.quantizers import auto as _auto
 
-from .config import QUANT_METHOD, LittleBitConfig
+from ..config import QUANT_METHOD, LittleBitConfig
 from .quantizer import LittleBitHfQuantizer
 
 

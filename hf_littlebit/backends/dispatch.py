@@ -1,0 +1,58 @@
+"""Which forward a packed layer runs, chosen per call.
+
+* ``"torch"``: :mod:`hf_littlebit.backends.reference`, plain PyTorch, everywhere (and the only path that trains).
+* ``"triton"``: :mod:`hf_littlebit.backends.triton`, the fused kernels that read the packed words directly (16–150×
+  fewer weight bytes than fp16): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+
+The choice (:func:`select_backend`): ``$LITTLEBIT_BACKEND`` if set (an override for a whole process), else the
+layer's ``backend`` attribute (from ``LittleBitConfig(backend=...)`` or ``hf_littlebit.set_backend``), else
+``"auto"`` = Triton for CUDA tensors when Triton is importable, PyTorch otherwise. The layer is seen through its
+attributes only; :mod:`hf_littlebit.nn.layer` imports this module, never the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .reference import torch_forward
+from .triton import interpreter_enabled, triton_available, triton_forward
+
+ENV_BACKEND = "LITTLEBIT_BACKEND"
+
+BACKENDS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
+    "torch": torch_forward,
+    "triton": triton_forward,
+}
+BACKEND_CHOICES = ("auto", *BACKENDS)
+
+
+def check_backend_name(choice: str, source: str) -> str:
+    if choice not in BACKEND_CHOICES:
+        raise ValueError(f"{source}: unknown LittleBit backend {choice!r}; choose one of {list(BACKEND_CHOICES)}")
+    return choice
+
+
+def select_backend(layer: Any, x: torch.Tensor) -> str:
+    """Backend for this call: ``$LITTLEBIT_BACKEND`` if set, else the layer's choice, else ``"auto"``."""
+    env = os.environ.get(ENV_BACKEND)
+    choice = check_backend_name(env, f"${ENV_BACKEND}") if env else (layer.backend or "auto")
+    if choice == "auto":
+        return "triton" if x.is_cuda and triton_available() else "torch"
+    if choice == "triton" and not x.is_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            "LittleBit backend 'triton' runs on CUDA tensors only (CPU tensors only under TRITON_INTERPRET=1, for "
+            f"tests); this input is on {x.device}. Use backend='auto' or 'torch', or unset ${ENV_BACKEND}."
+        )
+    if choice == "triton" and not triton_available():
+        raise RuntimeError("LittleBit backend 'triton' needs the triton package: pip install 'hf-littlebit[gpu]'")
+    return choice
+
+
+def littlebit_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    if layer.is_trainable:  # fast kernels serve packed layers only
+        return torch_forward(layer, x)
+    return BACKENDS[select_backend(layer, x)](layer, x)

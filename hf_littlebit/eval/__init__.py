@@ -1,0 +1,4 @@
+"""Measuring a model: the perplexity protocol and the size/bits report (``summary``).
+
+May import ``nn`` and ``format``; used by ``quantize``, ``integrations`` and ``cli``.
+"""

@@ -1,0 +1,62 @@
+"""Fitting one transformer block to its targets: the block loss, its evaluation over the stored batches, and the
+Adam loop over the block's latent factors and scales (and optionally its norms)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ...nn.layer import LittleBitLinear
+from .capture import block_output
+from .optim import adam_optimizer, cosine_lr_, minibatch_indices, norm_params, relative_lr_groups
+from .options import ReconstructionOptions
+from .store import ActivationStore
+
+
+def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """``"token_normalized"``: mean over tokens of ‖y − t‖² / ‖t‖²; ``"mse"``: mean squared error."""
+    diff = (y.float() - target.float()).pow(2)
+    if kind == "mse":
+        return diff.mean()
+    return (diff.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+
+
+@torch.no_grad()
+def evaluate_block(
+    block: nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict, kind: str,
+    device: torch.device, next_inputs: ActivationStore | None = None,
+) -> tuple[float, float]:
+    """Mean loss over all batches, and the error relative to the block's contribution ``‖y − t‖² / ‖t − x‖²``
+    (the residual stream dominates ``‖t‖``, so the loss alone flatters a block). With ``next_inputs`` the outputs
+    are also stored for the next block."""
+    total = err = ref = 0.0
+    for x, t in zip(inputs, targets, strict=True):
+        x, t = x.to(device), t.to(device)
+        y = block_output(block, x, kwargs)
+        total += block_loss(y, t, kind).item()
+        err += (y.float() - t.float()).pow(2).sum().item()
+        ref += (t.float() - x.float()).pow(2).sum().item()
+        if next_inputs is not None:
+            next_inputs.append(y)
+    return total / max(len(inputs), 1), err / max(ref, 1e-30)
+
+
+def optimise_block(
+    block: nn.Module, layers: list[LittleBitLinear], inputs: ActivationStore, targets: ActivationStore,
+    kwargs: dict, opts: ReconstructionOptions, seed: int, device: torch.device,
+) -> None:
+    """Adam on latents and scales (and norms) of one block for ``opts.steps`` minibatch steps, cosine schedule."""
+    norms = norm_params(block) if opts.tune_norms else []
+    for p in norms:
+        p.requires_grad_(True)
+    optimizer = adam_optimizer(relative_lr_groups(layers, norms, opts))
+    with torch.enable_grad():
+        for step, i in enumerate(minibatch_indices(len(inputs), opts.steps, seed)):
+            cosine_lr_(optimizer, step, opts.steps)
+            y = block_output(block, inputs[i].to(device), kwargs)
+            loss = block_loss(y, targets[i].to(device), opts.loss)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    for p in norms:
+        p.requires_grad_(False)

@@ -1,0 +1,113 @@
+"""The end-to-end phase after the block-wise pass: every layer's scale vectors tuned jointly on KL(fp ‖ quantized) of
+the next-token distributions, the teacher computed from the fp model's last-block activations carried by the pass.
+
+A block fit sees only its own output error; this phase sees what the errors of all blocks do together to the
+prediction. The ±1 factors stay fixed (the calibration set is too small to choose signs end to end).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from ...nn.kl import token_kl
+from ...nn.layer import LittleBitLinear
+from .optim import adam_optimizer, cosine_lr_, minibatch_indices, norm_params, relative_lr_groups
+from .options import EndToEndReport, ReconstructionOptions
+from .store import ActivationStore
+
+logger = logging.get_logger(__name__)
+
+
+def next_token_kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher ‖ student) of the next-token distributions."""
+    return token_kl(logits, teacher_logits).mean()
+
+
+class _AppendTeacher:
+    """Forward hook on the last block: appends the fp model's output of that block along the batch axis.
+
+    The model's head (final norm, ``lm_head``, soft-capping... whatever follows the blocks) then computes the
+    teacher's logits in the same pass as the student's, without an fp copy of the model: only the fp hidden states
+    after the last block are kept, and the head is not quantized.
+    """
+
+    def __init__(self) -> None:
+        self.teacher: torch.Tensor | None = None
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if self.teacher is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple | list) else output
+        both = torch.cat([hidden, self.teacher.to(device=hidden.device, dtype=hidden.dtype)], dim=0)
+        return (both, *output[1:]) if isinstance(output, tuple | list) else both
+
+
+def _student_and_teacher_logits(model: nn.Module, hook: _AppendTeacher, ids: torch.Tensor, teacher: torch.Tensor
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
+    hook.teacher = teacher
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits
+    finally:
+        hook.teacher = None
+    return logits[: ids.shape[0]], logits[ids.shape[0]:].detach()
+
+
+def tune_end_to_end(
+    model: nn.Module, last_block: nn.Module, layers: list[LittleBitLinear], tokens: torch.Tensor,
+    teacher_hidden: ActivationStore, opts: ReconstructionOptions, seed: int, progress: bool = True,
+    eval_batches: int = 4,
+) -> EndToEndReport:
+    """Tune the scales of ``layers`` (packed on entry and on return) so the model's next-token distribution on
+    ``tokens`` matches the teacher's, given the fp model's outputs of ``last_block`` for each batch of
+    ``len(tokens) // len(teacher_hidden)`` sequences. Adam with per-tensor relative learning rates, cosine schedule;
+    the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting)."""
+    t0 = time.perf_counter()
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    batch = tokens.shape[0] // len(teacher_hidden)
+    batches = [tokens[i * batch:(i + 1) * batch].to(device) for i in range(len(teacher_hidden))]
+    hook = _AppendTeacher()
+    handle = last_block.register_forward_hook(hook)
+    norms = norm_params(model) if opts.tune_norms else []
+    try:
+        for layer in layers:
+            layer.make_trainable_(estimator=opts.estimator, alpha=opts.alpha)
+            for prefix in layer.path_prefixes:
+                for name in ("u_latent", "v_latent"):
+                    getattr(layer, prefix + name).requires_grad_(False)
+        for p in norms:
+            p.requires_grad_(True)
+
+        @torch.no_grad()
+        def measure() -> float:
+            n = min(eval_batches, len(batches))
+            return sum(next_token_kl(*_student_and_teacher_logits(model, hook, batches[i], teacher_hidden[i])).item()
+                       for i in range(n)) / max(n, 1)
+
+        before = measure()
+        optimizer = adam_optimizer(relative_lr_groups(layers, norms, opts, scale_lr=opts.e2e_lr))
+        bar = logging.tqdm(total=opts.e2e_steps, desc="LittleBit end-to-end", unit="step", disable=not progress)
+        with torch.enable_grad():
+            for step, i in enumerate(minibatch_indices(len(batches), opts.e2e_steps, seed)):
+                cosine_lr_(optimizer, step, opts.e2e_steps)
+                loss = next_token_kl(*_student_and_teacher_logits(model, hook, batches[i], teacher_hidden[i]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                bar.set_postfix_str(f"KL {loss.item():.4g}")
+                bar.update(1)
+        bar.close()
+        after = measure()
+    finally:
+        handle.remove()
+        for p in norms:
+            p.requires_grad_(False)
+        for layer in layers:
+            layer.pack_()
+    report = EndToEndReport(opts.e2e_steps, before, after, time.perf_counter() - t0)
+    logger.info(f"LittleBit end-to-end: KL {before:.4g} -> {after:.4g} ({report.seconds:.1f} s)")
+    return report
