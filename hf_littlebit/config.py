@@ -25,7 +25,7 @@ CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
 
 # Names of the forward backends (hf_littlebit.backends.dispatch.BACKENDS plus "auto"; a test keeps the two equal).
 # Spelled out here so that the config, a plain description of what the user asks for, imports no backend.
-BACKEND_CHOICES = ("auto", "torch", "triton")
+BACKEND_CHOICES = ("auto", "torch", "triton", "cpu")
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -107,9 +107,11 @@ class LittleBitConfig(QuantizationConfigMixin):
             packed checkpoint, ``from_pretrained(path, quantization_config=LittleBitConfig(trainable=True))`` turns
             it back into trainable mode (this and the two sign-estimator fields are *loading attributes*).
         backend: forward implementation of the packed layers: ``"auto"`` (default: the Triton kernels for CUDA
-            tensors when Triton is installed, plain PyTorch otherwise), ``"torch"`` or ``"triton"``. The environment
-            variable ``LITTLEBIT_BACKEND`` overrides it for a whole process; ``hf_littlebit.set_backend(model, ...)``
-            changes it after loading. A loading attribute: never written to ``config.json``.
+            tensors when Triton is installed; on CPU the packed C++ kernel, built once on first use, else plain
+            PyTorch), ``"cpu"``, ``"triton"`` or ``"torch"`` (plain PyTorch; on CPU it caches two fp32 factors per
+            layer, 32·bpw bits per weight: opt in only to trade memory for it). The environment variable
+            ``LITTLEBIT_BACKEND`` overrides it for a whole process; ``hf_littlebit.set_backend(model, ...)`` changes
+            it after loading. A loading attribute: never written to ``config.json``.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
     """

@@ -46,7 +46,7 @@ def _modules() -> dict[str, Path]:
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         found[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     for path in sorted((ROOT / "kernels").rglob("*.py")):
-        rel = list(path.relative_to(ROOT / "kernels").with_suffix("").parts)[1:]  # drop littlebit_triton
+        rel = list(path.relative_to(ROOT / "kernels").with_suffix("").parts)[1:]  # drop littlebit
         name = ".".join(["hf_littlebit", "kernels", *(rel if rel != ["__init__"] else [])])
         found[name] = path
     return found

@@ -1,13 +1,18 @@
 """Which forward a packed layer runs, chosen per call.
 
+* ``"cpu"``: :mod:`hf_littlebit.backends.cpu`, computed from the packed sign words on CPU (C++ kernel for decode,
+  tile-by-tile GEMM for prefill): no per-layer dense copy. The ``"auto"`` choice for CPU tensors.
 * ``"torch"``: :mod:`hf_littlebit.backends.reference`, plain PyTorch, everywhere (and the only path that trains).
+  On CPU it keeps two fp32 factors per layer with the scales folded in (32·bpw bits per weight, more than the fp16
+  model below ~0.5 bpw): the explicit opt-in that trades memory for simplicity, and the fallback without a compiler.
 * ``"triton"``: :mod:`hf_littlebit.backends.triton`, the fused kernels that read the packed words directly (16–150×
-  fewer weight bytes than fp16): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+  fewer weight bytes than fp16): CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` (tests). The ``"auto"``
+  choice for CUDA tensors when Triton is installed.
 
 The choice (:func:`select_backend`): ``$LITTLEBIT_BACKEND`` if set (an override for a whole process), else the
 layer's ``backend`` attribute (from ``LittleBitConfig(backend=...)`` or ``hf_littlebit.set_backend``), else
-``"auto"`` = Triton for CUDA tensors when Triton is importable, PyTorch otherwise. The layer is seen through its
-attributes only; :mod:`hf_littlebit.nn.layer` imports this module, never the other way round.
+``"auto"``. The layer is seen through its attributes only; :mod:`hf_littlebit.nn.layer` imports this module, never
+the other way round.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .cpu import cpu_forward, cpu_kernel_available
 from .reference import torch_forward
 from .triton import interpreter_enabled, triton_available, triton_forward
 
@@ -26,6 +32,7 @@ ENV_BACKEND = "LITTLEBIT_BACKEND"
 BACKENDS: dict[str, Callable[[Any, torch.Tensor], torch.Tensor]] = {
     "torch": torch_forward,
     "triton": triton_forward,
+    "cpu": cpu_forward,
 }
 BACKEND_CHOICES = ("auto", *BACKENDS)
 
@@ -41,7 +48,11 @@ def select_backend(layer: Any, x: torch.Tensor) -> str:
     env = os.environ.get(ENV_BACKEND)
     choice = check_backend_name(env, f"${ENV_BACKEND}") if env else (layer.backend or "auto")
     if choice == "auto":
-        return "triton" if x.is_cuda and triton_available() else "torch"
+        if x.is_cuda:
+            return "triton" if triton_available() else "torch"
+        return "cpu" if x.device.type == "cpu" and cpu_kernel_available() else "torch"
+    if choice == "cpu" and x.device.type != "cpu":
+        raise RuntimeError(f"LittleBit backend 'cpu' runs on CPU tensors; this input is on {x.device}. Use 'auto'.")
     if choice == "triton" and not x.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             "LittleBit backend 'triton' runs on CUDA tensors only (CPU tensors only under TRITON_INTERPRET=1, for "

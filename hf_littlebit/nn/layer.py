@@ -233,6 +233,11 @@ class LittleBitLinear(TrainableFactors, nn.Module):
         tensors = [getattr(self, prefix + name) for prefix in prefixes for name in PATH_TENSORS]
         return self._sign_cache.get(("folded", prefixes, device, dtype), tensors, build)
 
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        """``.to()``, ``.cuda()``, ``.half()``...: tensors derived on the old device or dtype must not outlive it."""
+        self._sign_cache.clear()
+        return super()._apply(fn, recurse)
+
     def clear_cache(self) -> None:
         """Free the unpacked ±1 factors (they are rebuilt on the next forward)."""
         self._sign_cache.clear()

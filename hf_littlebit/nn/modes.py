@@ -142,10 +142,12 @@ def install_model_methods(model: nn.Module) -> None:
 
 
 def set_backend(model: nn.Module, backend: str) -> int:
-    """Set the backend of every LittleBit layer of ``model`` (``"auto"``, ``"torch"`` or ``"triton"``); returns
-    how many layers were changed. ``$LITTLEBIT_BACKEND`` still overrides it."""
+    """Set the backend of every LittleBit layer of ``model`` (``"auto"``, ``"cpu"``, ``"triton"`` or ``"torch"``);
+    returns how many layers were changed. Caches of the previous backend are freed. ``$LITTLEBIT_BACKEND`` still
+    overrides it."""
     check_backend_name(backend, "set_backend")
     layers = littlebit_layers(model)
     for layer in layers.values():
         layer.backend = backend
+        layer.clear_cache()
     return len(layers)

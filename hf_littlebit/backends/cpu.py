@@ -1,0 +1,116 @@
+"""The packed CPU backend: a packed layer computed from its sign words, with no per-layer dense copy.
+
+* **Few tokens** (decode, ≤ :data:`KERNEL_MAX_TOKENS`): the C++ kernel ``kernels/littlebit/binary_lowrank_cpu.cpp``
+  (AVX2 sign-bit XOR, several tokens per pass over the words, rows split across ``torch.get_num_threads()``
+  threads). It reads 1 bit per sign where the dense fp32 cache reads 32.
+* **More tokens** (prefill): signs are unpacked a tile of rows at a time into a small fp32 buffer and multiplied by
+  a GEMM, so memory stays bounded by the tile, not the layer.
+
+The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``, cached under
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; ~1 minute). Without a compiler (or ``ninja``) the build
+fails, one warning says so, and the backend answers unavailable: ``"auto"`` then uses the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import threading
+import warnings
+from typing import Any
+
+import torch
+
+from . import tiled
+
+#: Up to this many tokens the C++ kernel runs; above it the tiled GEMM (the kernel's cost grows with the tokens,
+#: a GEMM's barely does).
+KERNEL_MAX_TOKENS = 16
+_lock = threading.Lock()
+_state: dict[str, Any] = {"module": None, "tried": False}
+
+
+def _build_flags() -> list[str]:
+    capability = torch.backends.cpu.get_cpu_capability()
+    simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    return ["-O3", *simd]
+
+
+def load_kernel() -> Any | None:
+    """The compiled extension, building it on the first call; ``None`` (after one warning) if it cannot be built."""
+    if _state["tried"]:
+        return _state["module"]
+    with _lock:
+        if _state["tried"]:
+            return _state["module"]
+        try:
+            from torch.utils.cpp_extension import load
+
+            source = importlib.resources.files("hf_littlebit.kernels") / "binary_lowrank_cpu.cpp"
+            flags = _build_flags()
+            name = "hf_littlebit_cpu_" + ("avx2" if "-mavx2" in flags else "portable")
+            _state["module"] = load(name=name, sources=[str(source)], extra_cflags=flags, verbose=False)
+        except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, say why once
+            warnings.warn(
+                f"hf_littlebit: the packed CPU kernel could not be built ({type(exc).__name__}: "
+                f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}); packed layers on CPU use the "
+                "PyTorch path instead (fp32 factors cached per layer: more memory, slower). Install a C++ compiler "
+                "and `pip install ninja` to enable it.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _state["module"] = None
+        _state["tried"] = True
+    return _state["module"]
+
+
+def cpu_kernel_available() -> bool:
+    """True when the packed CPU kernel is (or can be) built. ``LITTLEBIT_CPU_KERNEL=0`` turns it off."""
+    if os.environ.get("LITTLEBIT_CPU_KERNEL", "1") in ("0", ""):
+        return False
+    return load_kernel() is not None
+
+
+def _path_tensors(layer: Any) -> list[torch.Tensor]:
+    tensors = []
+    for prefix in layer.active_prefixes:
+        tensors += [getattr(layer, prefix + name) for name in ("v_bits", "u_bits", "h", "l", "g")]
+    return tensors
+
+
+def cpu_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """``Y = Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` from the packed words, computed in fp32.
+
+    Differentiable in ``x`` (the packed factors are frozen): adapters (PEFT LoRA) and gradient checkpointing train
+    through packed layers, with the backward also reading the words tile by tile."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
+    xs = x.reshape(-1, layer.in_features).to(torch.float32)
+    if torch.is_grad_enabled() and xs.requires_grad:
+        y = _PackedLinear.apply(xs, layer)
+    else:
+        y = _packed_forward(layer, xs)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+def _packed_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
+    xs = xs.contiguous()
+    if xs.shape[0] <= KERNEL_MAX_TOKENS:
+        kernel = load_kernel()
+        if kernel is None:
+            raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning)")
+        return kernel.binary_lowrank_forward(xs, _path_tensors(layer), layer.bias)
+    return tiled.layer_forward(layer, xs)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """Gradient with respect to the input only: ``∂L/∂X = Σ_paths ((((∂L/∂Y ⊙ h) sgn(U)) ⊙ l) sgn(V)) ⊙ g``."""
+
+    @staticmethod
+    def forward(ctx: Any, xs: torch.Tensor, layer: Any) -> torch.Tensor:  # noqa: D102
+        ctx.layer = layer
+        return _packed_forward(layer, xs)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
+        return tiled.layer_input_grad(ctx.layer, grad.float()), None

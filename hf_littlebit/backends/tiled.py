@@ -1,0 +1,70 @@
+"""Packed-layer products computed from the sign words a tile of rows at a time, on any device.
+
+A tile of sign rows is unpacked into a small fp32 buffer (at most :data:`TILE_BYTES`) and multiplied by a GEMM, so
+the memory held never grows with the layer: the prefill path of the CPU backend, and the input gradient of packed
+layers (adapters train through them) for the CPU and Triton backends. The layer is seen through its attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..format.packing import unpack_signs
+
+#: Bytes of the fp32 buffer one unpacked tile of sign rows may take.
+TILE_BYTES = 4 << 20
+
+
+def _tile_rows(width: int) -> int:
+    return max(8, TILE_BYTES // (4 * width))
+
+
+def product(v: torch.Tensor, bits: torch.Tensor, width: int) -> torch.Tensor:
+    """``v @ sgn(bits)ᵀ`` (``bits``: one packed row of ``width`` signs per output column), fp32."""
+    rows = bits.shape[0]
+    tile = _tile_rows(width)
+    out = v.new_empty(v.shape[0], rows)
+    for start in range(0, rows, tile):
+        signs = unpack_signs(bits[start:start + tile], width, torch.float32)
+        out[:, start:start + tile] = v @ signs.T
+    return out
+
+
+def transposed_product(v: torch.Tensor, bits: torch.Tensor, width: int) -> torch.Tensor:
+    """``v @ sgn(bits)`` (``v`` has one column per packed row), fp32."""
+    tile = _tile_rows(width)
+    out = v.new_zeros(v.shape[0], width)
+    for start in range(0, bits.shape[0], tile):
+        signs = unpack_signs(bits[start:start + tile], width, torch.float32)
+        out.addmm_(v[:, start:start + tile], signs)
+    return out
+
+
+def _scales(layer: Any, prefix: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return tuple(getattr(layer, prefix + n).to(device=device, dtype=torch.float32) for n in ("h", "l", "g"))
+
+
+def layer_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
+    """``Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` on 2-D fp32 ``xs``: two tiled GEMMs per path."""
+    y = None
+    for prefix in layer.active_prefixes:
+        h, l, g = _scales(layer, prefix, xs.device)  # noqa: E741
+        t = product(xs * g, getattr(layer, prefix + "v_bits"), layer.in_features) * l
+        out = product(t, getattr(layer, prefix + "u_bits"), layer.rank) * h
+        y = out if y is None else y + out
+    if layer.bias is not None:
+        y = y + layer.bias.to(device=xs.device, dtype=torch.float32)
+    return y
+
+
+def layer_input_grad(layer: Any, grad: torch.Tensor) -> torch.Tensor:
+    """``∂L/∂X = Σ_paths ((((∂L/∂Y ⊙ h) sgn(U)) ⊙ l) sgn(V)) ⊙ g`` for 2-D fp32 ``grad`` (packed factors frozen)."""
+    total = None
+    for prefix in layer.active_prefixes:
+        h, l, g = _scales(layer, prefix, grad.device)  # noqa: E741
+        gt = transposed_product(grad * h, getattr(layer, prefix + "u_bits"), layer.rank) * l
+        gx = transposed_product(gt, getattr(layer, prefix + "v_bits"), layer.in_features) * g
+        total = gx if total is None else total + gx
+    return total

@@ -1,6 +1,0 @@
-"""Triton kernels for packed LittleBit layers, installed as ``hf_littlebit.kernels``.
-
-The kernel module (:mod:`hf_littlebit.kernels.binary_lowrank`) is imported only on first use by
-:mod:`hf_littlebit.backends.triton`, so ``import hf_littlebit`` never pays for Triton. This package imports nothing
-of hf_littlebit.
-"""
