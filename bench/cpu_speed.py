@@ -25,17 +25,27 @@ import time
 
 import torch
 
+BACK_TO_BACK = False  # --back-to-back: each contender's calls in one run instead of interleaved rounds
+
 
 @torch.no_grad()
-def _time(repeat: int, fn, *args) -> float:
-    for _ in range(3):
-        fn(*args)
-    samples = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn(*args)
-        samples.append(time.perf_counter() - t)
-    return statistics.median(samples)
+def _time(repeat: int, calls: dict[str, tuple]) -> dict[str, float]:
+    """Median seconds per call of each ``name: (fn, *args)``. By default the calls are interleaved round by round,
+    so that load from elsewhere on the machine hits every contender alike (the ratios are what the benchmark
+    reports); with ``--back-to-back`` each contender runs its calls in a row (as layers of one kind follow each other
+    in a model), after the others."""
+    for fn, *args in calls.values():
+        for _ in range(3):
+            fn(*args)
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    rounds = [[(name, call)] * repeat for name, call in calls.items()] if BACK_TO_BACK else \
+        [list(calls.items())] * repeat
+    for batch in rounds:
+        for name, (fn, *args) in batch:
+            t = time.perf_counter()
+            fn(*args)
+            samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def bench_layers(repeat: int) -> list[dict]:
@@ -47,9 +57,8 @@ def bench_layers(repeat: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     for d_in, d_out in ((4096, 4096), (8192, 28672)):
         dense = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.bfloat16)
+        dense32 = torch.nn.Linear(d_in, d_out, bias=False, dtype=torch.float32)
         x16 = torch.randn(1, d_in, dtype=torch.bfloat16)
-        t_bf16 = _time(repeat, dense, x16)
-        t_fp32 = _time(repeat, dense.float(), x16.float())  # .float() converts the module in place
         for bpw in (1.0, 0.55):
             rank = choose_rank(d_in, d_out, bpw, True).rank
             layer = LittleBitLinear(d_in, d_out, rank, bias=False, residual=True)
@@ -59,34 +68,34 @@ def bench_layers(repeat: int) -> list[dict]:
                         p.copy_(torch.randint(-2**31, 2**31 - 1, p.shape, generator=gen, dtype=torch.int64).int())
                     else:
                         p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-            t_packed = _time(repeat, cpu_forward, layer, x16)
+            t = _time(repeat, {"packed": (cpu_forward, layer, x16), "bf16": (dense, x16),
+                               "fp32": (dense32, x16.float())})
             rows.append({
                 "shape": f"{d_out}x{d_in}", "bpw": bpw, "rank": rank,
                 "true_bpw": layer.stored_bits() / (d_in * d_out),
-                "packed_ms": 1e3 * t_packed, "bf16_ms": 1e3 * t_bf16, "fp32_ms": 1e3 * t_fp32,
-                "speedup_vs_bf16": t_bf16 / t_packed, "speedup_vs_fp32": t_fp32 / t_packed,
+                "packed_ms": 1e3 * t["packed"], "bf16_ms": 1e3 * t["bf16"], "fp32_ms": 1e3 * t["fp32"],
+                "speedup_vs_bf16": t["bf16"] / t["packed"], "speedup_vs_fp32": t["fp32"] / t["packed"],
                 "packed_MiB": layer.stored_bits() / 8 / 2**20, "bf16_MiB": 2 * d_in * d_out / 2**20,
             })
             print(json.dumps(rows[-1]), flush=True)
             if (d_in, d_out, bpw) == (4096, 4096, 1.0):
-                rows.append(bench_prefill(layer, dense, max(3, repeat // 4)))
+                rows.append(bench_prefill(layer, dense32, max(3, repeat // 4)))
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def bench_prefill(layer, dense, repeat: int, tokens: int = 512) -> dict:
     """512 tokens through one layer: the packed path (tiled GEMM) against the cached fp32 folded factors of the
-    PyTorch path (warm cache: its steady state) and the dense layer, which ``dense.float()`` made fp32."""
+    PyTorch path (warm cache: its steady state) and the dense fp32 layer."""
     from hf_littlebit.backends.cpu import cpu_forward
     from hf_littlebit.backends.reference import torch_forward
     from hf_littlebit.backends.tiled import TILE_BYTES
 
     x = torch.randn(tokens, layer.in_features)
-    t_packed = _time(repeat, cpu_forward, layer, x)
-    t_cached = _time(repeat, torch_forward, layer, x)
-    cache_mib = sum(t.numel() * t.element_size() for t in layer.folded_factors(x.device, torch.float32)) / 2**20
+    t = _time(repeat, {"packed": (cpu_forward, layer, x), "cached": (torch_forward, layer, x), "fp32": (dense, x)})
+    cache_mib = sum(f.numel() * f.element_size() for f in layer.folded_factors(x.device, torch.float32)) / 2**20
     layer.clear_cache()
-    t_fp32 = _time(repeat, dense, x)
+    t_packed, t_cached, t_fp32 = t["packed"], t["cached"], t["fp32"]
     return {"prefill_tokens": tokens, "shape": f"{layer.out_features}x{layer.in_features}", "rank": layer.rank,
             "packed_ms": 1e3 * t_packed, "cached_torch_ms": 1e3 * t_cached, "fp32_ms": 1e3 * t_fp32,
             "packed_vs_cached": t_cached / t_packed, "packed_workspace_MiB": TILE_BYTES / 2**20,
@@ -167,7 +176,10 @@ def main() -> None:
     ap.add_argument("kind", nargs="*", help=f"model configurations (default: all of {MODEL_KINDS})")
     ap.add_argument("--repeat", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--back-to-back", action="store_true", help="layers: time each contender's calls in a row")
     args = ap.parse_args()
+    global BACK_TO_BACK
+    BACK_TO_BACK = args.back_to_back
     if args.what == "_one":
         print(json.dumps(run_model(args.kind[0], args.tokens)))
         return

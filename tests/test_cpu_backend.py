@@ -40,6 +40,15 @@ def test_the_kernel_builds_where_a_compiler_exists():
     assert cpu_backend.cpu_kernel_available()
 
 
+@pytest.mark.parametrize("width", [1, 7, 8, 31, 32, 33, 64, 70, 100])
+def test_the_kernels_unpacking_equals_the_formats(width):
+    from hf_littlebit.format.packing import unpack_signs
+
+    bits = torch.randint(-2**31, 2**31 - 1, (5, (width + 31) // 32), dtype=torch.int64).int()
+    unpacked = cpu_backend.load_kernel().unpack_signs_f32(bits, width)
+    assert torch.equal(unpacked, unpack_signs(bits, width, torch.float32))
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("tokens", [1, 3, 8, 13, 64, 512])
 @pytest.mark.parametrize("d_in,d_out,rank,residual,bias", [

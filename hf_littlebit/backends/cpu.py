@@ -14,9 +14,11 @@ fails, one warning says so, and the backend answers unavailable: ``"auto"`` then
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import threading
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,14 +28,31 @@ from . import tiled
 #: Up to this many tokens the C++ kernel runs; above it the tiled GEMM (the kernel's cost grows with the tokens,
 #: a GEMM's barely does).
 KERNEL_MAX_TOKENS = 16
+#: Calls with fewer sign × token products run on one thread: a team's wake-up and barriers cost more (measured on
+#: SmolLM2's 576-wide layers, 2 cores: ``bench/cpu_speed.py``).
+MIN_PARALLEL_SIGNS = 1 << 17
+
+logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "tried": False}
 
 
 def _build_flags() -> list[str]:
+    """``-fopenmp``: ``at::parallel_for`` is a header template that threads through OpenMP pragmas, so without it
+    the kernel would run on one thread whatever ``torch.set_num_threads`` says."""
     capability = torch.backends.cpu.get_cpu_capability()
     simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
-    return ["-O3", *simd]
+    return ["-O3", "-fopenmp", *simd]
+
+
+def _already_built(name: str) -> bool:
+    """Whether torch's extension cache holds a build of ``name`` (only to say that a first build takes a while)."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        return any(Path(_get_build_directory(name, verbose=False)).glob("*.so"))
+    except Exception:  # noqa: BLE001 - a private helper of torch; if it moves, just say nothing
+        return True
 
 
 def load_kernel() -> Any | None:
@@ -43,13 +62,20 @@ def load_kernel() -> Any | None:
     with _lock:
         if _state["tried"]:
             return _state["module"]
+        if os.environ.get("LITTLEBIT_CPU_KERNEL", "1") in ("0", ""):
+            _state["tried"] = True  # switched off for the process: nothing is built, no warning
+            return None
         try:
             from torch.utils.cpp_extension import load
 
             source = importlib.resources.files("hf_littlebit.kernels") / "binary_lowrank_cpu.cpp"
             flags = _build_flags()
             name = "hf_littlebit_cpu_" + ("avx2" if "-mavx2" in flags else "portable")
-            _state["module"] = load(name=name, sources=[str(source)], extra_cflags=flags, verbose=False)
+            if not _already_built(name):
+                logger.warning("hf_littlebit: building the packed CPU kernel for this machine (once, about a "
+                               "minute; cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR)")
+            _state["module"] = load(name=name, sources=[str(source)], extra_cflags=flags,
+                                    extra_ldflags=["-fopenmp"], verbose=False)
         except Exception as exc:  # noqa: BLE001 - any build failure means: fall back, say why once
             warnings.warn(
                 f"hf_littlebit: the packed CPU kernel could not be built ({type(exc).__name__}: "
@@ -65,42 +91,46 @@ def load_kernel() -> Any | None:
 
 
 def cpu_kernel_available() -> bool:
-    """True when the packed CPU kernel is (or can be) built. ``LITTLEBIT_CPU_KERNEL=0`` turns it off."""
-    if os.environ.get("LITTLEBIT_CPU_KERNEL", "1") in ("0", ""):
-        return False
+    """True when the packed CPU kernel is (or can be) built. ``LITTLEBIT_CPU_KERNEL=0`` turns it off (read once, at
+    the first use: the answer is asked for on every forward, where an environment lookup per layer would show)."""
     return load_kernel() is not None
 
 
+def _unpack() -> tiled.Unpack:
+    """The kernel's ±1 unpacking of a tile of sign rows when it is built, else PyTorch's."""
+    kernel = load_kernel() if cpu_kernel_available() else None
+    return kernel.unpack_signs_f32 if kernel is not None else tiled.unpack_fp32
+
+
 def _path_tensors(layer: Any) -> list[torch.Tensor]:
-    tensors = []
-    for prefix in layer.active_prefixes:
-        tensors += [getattr(layer, prefix + name) for name in ("v_bits", "u_bits", "h", "l", "g")]
-    return tensors
+    params = layer._parameters  # a dict lookup: nn.Module.__getattr__ costs microseconds per name, per call
+    return [params[prefix + name] for prefix in layer.active_prefixes for name in ("v_bits", "u_bits", "h", "l", "g")]
 
 
 def cpu_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    """``Y = Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` from the packed words, computed in fp32.
+    """``Y = Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` from the packed words, computed in fp32, returned
+    in ``x``'s dtype.
 
     Differentiable in ``x`` (the packed factors are frozen): adapters (PEFT LoRA) and gradient checkpointing train
     through packed layers, with the backward also reading the words tile by tile."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
-    xs = x.reshape(-1, layer.in_features).to(torch.float32)
+    xs = x.reshape(-1, layer.in_features)
     if torch.is_grad_enabled() and xs.requires_grad:
-        y = _PackedLinear.apply(xs, layer)
+        y = _PackedLinear.apply(xs.float(), layer).to(x.dtype)
     else:
         y = _packed_forward(layer, xs)
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 def _packed_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
-    xs = xs.contiguous()
+    """2-D ``xs`` of any float dtype → ``Y`` in the same dtype (computed in fp32)."""
     if xs.shape[0] <= KERNEL_MAX_TOKENS:
         kernel = load_kernel()
         if kernel is None:
             raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning)")
-        return kernel.binary_lowrank_forward(xs, _path_tensors(layer), layer.bias)
-    return tiled.layer_forward(layer, xs)
+        return kernel.binary_lowrank_forward(xs, _path_tensors(layer), layer.bias, MIN_PARALLEL_SIGNS)
+    return tiled.layer_forward(layer, xs.float(), _unpack()).to(xs.dtype)
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -113,4 +143,4 @@ class _PackedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
-        return tiled.layer_input_grad(ctx.layer, grad.float()), None
+        return tiled.layer_input_grad(ctx.layer, grad.float(), _unpack()), None

@@ -2,7 +2,9 @@
 
 * ``"cpu"``: :mod:`hf_littlebit.backends.cpu`, computed from the packed sign words on CPU (C++ kernel for decode,
   tile-by-tile GEMM for prefill): no per-layer dense copy. The ``"auto"`` choice for CPU tensors.
-* ``"torch"``: :mod:`hf_littlebit.backends.reference`, plain PyTorch, everywhere (and the only path that trains).
+* ``"torch"``: :mod:`hf_littlebit.backends.reference`, plain PyTorch, everywhere, and the only path that trains the
+  factors themselves (latents, scales); ``"cpu"`` and ``"triton"`` give the input gradient, so adapters train
+  through packed layers.
   On CPU it keeps two fp32 factors per layer with the scales folded in (32·bpw bits per weight, more than the fp16
   model below ~0.5 bpw): the explicit opt-in that trades memory for simplicity, and the fallback without a compiler.
 * ``"triton"``: :mod:`hf_littlebit.backends.triton`, the fused kernels that read the packed words directly (16–150×

@@ -7,6 +7,7 @@ layers (adapters train through them) for the CPU and Triton backends. The layer 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,27 +18,36 @@ from ..format.packing import unpack_signs
 TILE_BYTES = 4 << 20
 
 
+Unpack = Callable[[torch.Tensor, int], torch.Tensor]
+
+
 def _tile_rows(width: int) -> int:
     return max(8, TILE_BYTES // (4 * width))
 
 
-def product(v: torch.Tensor, bits: torch.Tensor, width: int) -> torch.Tensor:
-    """``v @ sgn(bits)ᵀ`` (``bits``: one packed row of ``width`` signs per output column), fp32."""
+def unpack_fp32(bits: torch.Tensor, width: int) -> torch.Tensor:
+    """±1.0 fp32 rows from packed rows, in PyTorch (any device)."""
+    return unpack_signs(bits, width, torch.float32)
+
+
+def product(v: torch.Tensor, bits: torch.Tensor, width: int, unpack: Unpack = unpack_fp32) -> torch.Tensor:
+    """``v @ sgn(bits)ᵀ`` (``bits``: one packed row of ``width`` signs per output column), fp32. ``unpack`` turns a
+    tile of packed rows into ±1.0 rows (a backend may pass a faster one)."""
     rows = bits.shape[0]
     tile = _tile_rows(width)
     out = v.new_empty(v.shape[0], rows)
     for start in range(0, rows, tile):
-        signs = unpack_signs(bits[start:start + tile], width, torch.float32)
+        signs = unpack(bits[start:start + tile], width)
         out[:, start:start + tile] = v @ signs.T
     return out
 
 
-def transposed_product(v: torch.Tensor, bits: torch.Tensor, width: int) -> torch.Tensor:
+def transposed_product(v: torch.Tensor, bits: torch.Tensor, width: int, unpack: Unpack = unpack_fp32) -> torch.Tensor:
     """``v @ sgn(bits)`` (``v`` has one column per packed row), fp32."""
     tile = _tile_rows(width)
     out = v.new_zeros(v.shape[0], width)
     for start in range(0, bits.shape[0], tile):
-        signs = unpack_signs(bits[start:start + tile], width, torch.float32)
+        signs = unpack(bits[start:start + tile], width)
         out.addmm_(v[:, start:start + tile], signs)
     return out
 
@@ -46,25 +56,34 @@ def _scales(layer: Any, prefix: str, device: torch.device) -> tuple[torch.Tensor
     return tuple(getattr(layer, prefix + n).to(device=device, dtype=torch.float32) for n in ("h", "l", "g"))
 
 
-def layer_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
+def layer_forward(layer: Any, xs: torch.Tensor, unpack: Unpack = unpack_fp32) -> torch.Tensor:
     """``Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` on 2-D fp32 ``xs``: two tiled GEMMs per path."""
     y = None
     for prefix in layer.active_prefixes:
         h, l, g = _scales(layer, prefix, xs.device)  # noqa: E741
-        t = product(xs * g, getattr(layer, prefix + "v_bits"), layer.in_features) * l
-        out = product(t, getattr(layer, prefix + "u_bits"), layer.rank) * h
+        t = product(xs * g, getattr(layer, prefix + "v_bits"), layer.in_features, unpack) * l
+        out = product(t, getattr(layer, prefix + "u_bits"), layer.rank, unpack) * h
         y = out if y is None else y + out
     if layer.bias is not None:
         y = y + layer.bias.to(device=xs.device, dtype=torch.float32)
     return y
 
 
-def layer_input_grad(layer: Any, grad: torch.Tensor) -> torch.Tensor:
-    """``∂L/∂X = Σ_paths ((((∂L/∂Y ⊙ h) sgn(U)) ⊙ l) sgn(V)) ⊙ g`` for 2-D fp32 ``grad`` (packed factors frozen)."""
+def paths_input_grad(paths: list[tuple[torch.Tensor, ...]], grad: torch.Tensor, d_in: int,
+                     unpack: Unpack = unpack_fp32) -> torch.Tensor:
+    """``∂L/∂X = Σ_paths ((((∂L/∂Y ⊙ h) sgn(U)) ⊙ l) sgn(V)) ⊙ g`` for 2-D fp32 ``grad``; ``paths`` holds
+    ``(v_bits, u_bits, h, l, g)`` per path (the packed factors are frozen: no gradient for them)."""
     total = None
-    for prefix in layer.active_prefixes:
-        h, l, g = _scales(layer, prefix, grad.device)  # noqa: E741
-        gt = transposed_product(grad * h, getattr(layer, prefix + "u_bits"), layer.rank) * l
-        gx = transposed_product(gt, getattr(layer, prefix + "v_bits"), layer.in_features) * g
+    for v_bits, u_bits, h, l, g in paths:  # noqa: E741
+        h, l, g = (t.reshape(-1).to(device=grad.device, dtype=torch.float32) for t in (h, l, g))  # noqa: E741
+        gt = transposed_product(grad * h, u_bits, v_bits.shape[0], unpack) * l
+        gx = transposed_product(gt, v_bits, d_in, unpack) * g
         total = gx if total is None else total + gx
     return total
+
+
+def layer_input_grad(layer: Any, grad: torch.Tensor, unpack: Unpack = unpack_fp32) -> torch.Tensor:
+    """:func:`paths_input_grad` of a packed layer's active paths."""
+    paths = [tuple(getattr(layer, prefix + n) for n in ("v_bits", "u_bits", "h", "l", "g"))
+             for prefix in layer.active_prefixes]
+    return paths_input_grad(paths, grad, layer.in_features, unpack)

@@ -161,7 +161,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     result.update(
         out=str(out), layers=len(report.layers), bpw_paper=report.bpw_paper, bpw_true=report.bpw_true,
         model_bytes_fp=report.model_bytes_fp16, model_bytes_quantized=report.model_bytes_quantized_fp16,
-        model_bytes_in_memory=report.model_bytes,
+        model_bytes_in_memory=report.model_bytes, unconverted_share=report.unconverted_share,
     )
     if args.eval:
         q_eval = measure(model, tokenizer, text, args)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..format.budget import paper_bpw
 from ..nn.layer import littlebit_layers
@@ -37,6 +39,10 @@ class ModelSummary:
     model_bytes: int = 0  # every parameter and buffer of the model as it is now
     model_bytes_fp16: int = 0  # the same model with dense fp16 layers and fp16 everything else
     model_bytes_quantized_fp16: int = 0  # packed layers as stored, every other float tensor at 16 bits
+    # Weight tensors (≥ 2-D) that stay dense although nothing asked for it: not nn.Linear (fused MoE experts,
+    # Conv1D...), not an embedding, not in modules_to_not_convert. Name → number of parameters.
+    unconverted: dict[str, int] = field(default_factory=dict)
+    unconverted_share: float = 0.0  # their share of all parameters
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,7 +66,28 @@ class ModelSummary:
             f"whole model: {self.model_bytes / 2**20:.2f} MiB (dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, "
             f"{ratio:.1f}x smaller)"
         )
+        if self.unconverted:
+            first = next(iter(self.unconverted))
+            lines.append(f"not converted (dense): {len(self.unconverted)} weight tensors, "
+                         f"{self.unconverted_share:.1%} of the parameters, e.g. {first}")
         return "\n".join(lines)
+
+
+def unconverted_weights(model: nn.Module, converted: Iterable[str], skip: list[str]) -> dict[str, int]:
+    """Weight tensors of two or more dimensions that stay dense without anyone asking: outside the ``converted``
+    modules, outside embeddings, and not matched by ``skip`` (``modules_to_not_convert``). Name → parameter count.
+
+    LittleBit converts ``nn.Linear`` only; this is what it would otherwise leave in full precision silently (the fused
+    3-D experts of Transformers 5 MoE models, GPT-2's ``Conv1D``...)."""
+    converted = set(converted)
+    found = {}
+    for module_name, module in model.named_modules():
+        if module_name in converted or isinstance(module, nn.Embedding) or not should_convert_module(module_name, skip):
+            continue
+        for name, param in module.named_parameters(recurse=False):
+            if param.dim() >= 2:
+                found[f"{module_name}.{name}" if module_name else name] = param.numel()
+    return found
 
 
 def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -101,6 +128,10 @@ def summary(model: nn.Module) -> ModelSummary:
     if report.converted_params:
         report.bpw_paper = paper_bits / report.converted_params
         report.bpw_true = stored / report.converted_params
+    skip = list(getattr(cfg, "modules_to_not_convert", None) or [])
+    report.unconverted = unconverted_weights(model, littlebit_layers(model), skip)
+    total = sum(p.numel() for p in _unique_tensors(model) if isinstance(p, nn.Parameter))
+    report.unconverted_share = sum(report.unconverted.values()) / total if total else 0.0
     for t in _unique_tensors(model):
         nbytes = t.numel() * t.element_size()
         report.model_bytes += nbytes

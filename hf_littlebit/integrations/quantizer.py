@@ -25,7 +25,7 @@ from ..nn.layer import LittleBitLinear, littlebit_layers
 from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
 from ..quantize.convert import convert_model_
 from ..quantize.layers import note_data_free, quantize_layer_, replace_linears
-from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert
+from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .checkpoint import check_checkpoint_tensors
 
 logger = logging.get_logger(__name__)
@@ -117,6 +117,7 @@ class LittleBitHfQuantizer(HfQuantizer):
         plans = plan_conversion(model, cfg, cfg.modules_to_not_convert or [], self.pre_quantized)
         if not self.pre_quantized:
             cfg.layer_ranks = {p.name: p.rank for p in plans}
+            warn_unconverted(model, plans, cfg.modules_to_not_convert)
         replace_linears(model, plans, cfg, with_fp_weight=not self.pre_quantized)
         if self.pre_quantized:
             check_checkpoint_tensors(model, checkpoint_files)

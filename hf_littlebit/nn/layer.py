@@ -75,6 +75,8 @@ class LittleBitLinear(TrainableFactors, nn.Module):
         self.residual = residual
         self.scale_dtype = scale_dtype
         self.backend: str | None = None  # None: follow hf_littlebit.backends' default
+        # Splits of the Triton decode kernels' stage 1 (None: $LITTLEBIT_SPLIT_K, else chosen from the GPU's size).
+        self.split_k: int | None = None
         self.sign_estimator: str | None = None  # set in trainable mode
         self._sign_fn = None
         self._alpha, self._clip = 100.0, 1.0

@@ -16,7 +16,7 @@ from ..config import LittleBitConfig
 from ..nn.layer import littlebit_layers
 from .calibration import calibration_tokens, describe_source
 from .layers import new_littlebit_layer, note_data_free, quantize_layer_
-from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert
+from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
 
@@ -64,6 +64,7 @@ def convert_model_(
     )
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
+    warn_unconverted(model, plans, config.modules_to_not_convert)
     if config.allocation == "auto":
         plans = allocate_plans(model, plans, config)
     config.layer_ranks = {p.name: p.rank for p in plans}

@@ -15,6 +15,7 @@ from transformers.utils import logging
 
 from ..config import LittleBitConfig
 from ..errors import LittleBitCheckpointError
+from ..eval.summary import unconverted_weights
 from ..format.budget import choose_rank, dbf_rank, stored_bits
 from .allocate import LayerShape, allocate_ranks, normalised_spectrum
 
@@ -93,6 +94,24 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
             f"the rank is capped there (fewer bits than the target), e.g. {capped[0]}"
         )
     return plans
+
+
+def warn_unconverted(model: nn.Module, plans: list[LayerPlan], skip: list[str]) -> dict[str, int]:
+    """Say by name which large weights stay dense although nothing asked for it (LittleBit converts ``nn.Linear``
+    only), instead of reporting a bpw that silently covers part of the model. Returns them (name → parameters)."""
+    found = unconverted_weights(model, (p.name for p in plans), skip)
+    if found:
+        total = sum(p.numel() for p in model.parameters())
+        share = sum(found.values()) / total if total else 0.0
+        first = next(iter(found))
+        owner = type(model.get_submodule(first.rpartition(".")[0])).__name__ if "." in first else type(model).__name__
+        logger.warning(
+            f"LittleBit: {len(found)} weight tensor(s) with {share:.0%} of the model's parameters are not nn.Linear "
+            f"and stay in full precision, e.g. {first} ({owner}). Fused MoE experts and other non-Linear weights are "
+            "not converted by this release; the reported bpw covers the converted layers only "
+            "(hf_littlebit.summary lists what stays dense)."
+        )
+    return found
 
 
 def auto_budget_bits(plans: list[LayerPlan], config: LittleBitConfig) -> int:

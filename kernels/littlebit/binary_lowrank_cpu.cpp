@@ -7,9 +7,8 @@
 // bit 1 means −1, rows are padded with zero bits to a multiple of 32, so the vector is zero-padded to the same
 // width and the padding adds nothing. Multiplying by ±1 is done by moving each sign bit into the float's sign bit
 // (a variable left shift of the word) and XOR-ing it into the activation: no int→float conversion, no multiply.
-// Up to 8 tokens share one pass over the sign words (decode). Rows are split across torch's intra-op threads
-// (at::parallel_for follows torch.set_num_threads); each row is summed by one thread in a fixed order, so results
-// do not depend on the thread count. Built at first use by hf_littlebit.backends.cpu (AVX2 where the CPU has it,
+// Up to 8 tokens share one pass over the sign words (decode). Rows are split across torch.get_num_threads()
+// OpenMP threads; each row is summed by one thread in a fixed order, so results do not depend on the thread count. Built at first use by hf_littlebit.backends.cpu (AVX2 where the CPU has it,
 // portable C++ otherwise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -25,6 +24,7 @@
 namespace {
 
 constexpr int64_t kTokenBlock = 8;
+constexpr int64_t kRowBlock = 16;  // rows per work item: amortises the per-call set-up, still fine-grained
 
 #if defined(__AVX2__)
 inline float hsum(__m256 v) {
@@ -108,35 +108,42 @@ void rows(const int32_t* bits, int64_t words, const float* v, int64_t v_stride, 
 #endif
 }
 
-// out (M, out_stride)[:, :R] (=|+=) scale ⊙ (sgn(bits) · v) for every token of v (M, 32·words, zero-padded).
-void sign_matvec(const torch::Tensor& bits, const torch::Tensor& v, const torch::Tensor& scale, torch::Tensor& out,
-                 bool accumulate) {
-  const int64_t R = bits.size(0), words = bits.size(1), M = v.size(0);
-  const int32_t* b = bits.data_ptr<int32_t>();
-  const float* s = scale.data_ptr<float>();
-  const int64_t v_stride = v.size(1), out_stride = out.size(1);
-  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, 32 * words));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    for (int64_t m0 = 0; m0 < M; m0 += kTokenBlock) {
-      const int64_t n = std::min(kTokenBlock, M - m0);
-      const float* vp = v.data_ptr<float>() + m0 * v_stride;
-      float* op = out.data_ptr<float>() + m0 * out_stride;
-      // Blocks of 8, 4, 2, 1 tokens, so every block runs a fully unrolled specialisation.
-      int64_t done = 0;
-      while (done < n) {
-        const int64_t left = n - done;
-        const float* vq = vp + done * v_stride;
-        float* oq = op + done * out_stride;
-        if (left >= 8) { rows<8>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 8; }
-        else if (left >= 4) { rows<4>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 4; }
-        else if (left >= 2) { rows<2>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 2; }
-        else { rows<1>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 1; }
-      }
+// out (M, out_stride)[:, :R] (=|+=) scale ⊙ (sgn(bits) · v) for every token of v (M, v_stride, zero-padded), rows
+// [r0, r1), tokens in blocks of 8, 4, 2, 1 so every block runs a fully unrolled specialisation.
+void sign_matvec_rows(const int32_t* b, int64_t words, const float* v, int64_t M, int64_t v_stride, const float* s,
+                      float* out, int64_t out_stride, bool accumulate, int64_t r0, int64_t r1) {
+  for (int64_t m0 = 0; m0 < M; m0 += kTokenBlock) {
+    const int64_t n = std::min(kTokenBlock, M - m0);
+    int64_t done = 0;
+    while (done < n) {
+      const int64_t left = n - done;
+      const float* vq = v + (m0 + done) * v_stride;
+      float* oq = out + (m0 + done) * out_stride;
+      if (left >= 8) { rows<8>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 8; }
+      else if (left >= 4) { rows<4>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 4; }
+      else if (left >= 2) { rows<2>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 2; }
+      else { rows<1>(b, words, vq, v_stride, s, oq, out_stride, accumulate, r0, r1); done += 1; }
     }
-  });
+  }
 }
 
-torch::Tensor as_float(const torch::Tensor& t) { return t.to(torch::kFloat).contiguous(); }
+// A scale vector as fp32 (the stored dtype is fp16, bf16 or fp32): a plain loop, no ATen op per call.
+std::vector<float> floats(const torch::Tensor& t) {
+  const torch::Tensor c = t.contiguous();
+  const int64_t n = c.numel();
+  std::vector<float> out(n);
+  switch (c.scalar_type()) {
+    case torch::kFloat: std::copy_n(c.data_ptr<float>(), n, out.data()); break;
+    case torch::kHalf: { const at::Half* p = c.data_ptr<at::Half>(); for (int64_t i = 0; i < n; ++i) out[i] = p[i]; break; }
+    case torch::kBFloat16: {
+      const at::BFloat16* p = c.data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+      break;
+    }
+    default: TORCH_CHECK(false, "scale vectors must be float16, bfloat16 or float32, got ", c.scalar_type());
+  }
+  return out;
+}
 
 void check_bits(const torch::Tensor& bits, const char* name) {
   TORCH_CHECK(bits.scalar_type() == torch::kInt32 && bits.dim() == 2, name, ": expected a 2-D int32 tensor");
@@ -146,38 +153,108 @@ void check_bits(const torch::Tensor& bits, const char* name) {
 
 }  // namespace
 
-// x: (M, d_in) fp32 contiguous; paths: [v_bits, u_bits, h, l, g] per path; bias: (d_out,) or None.
-torch::Tensor binary_lowrank_forward(const torch::Tensor& x, const std::vector<torch::Tensor>& paths,
-                                     const c10::optional<torch::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "binary_lowrank_forward: x must be a contiguous 2-D float32 tensor");
-  TORCH_CHECK(!paths.empty() && paths.size() % 5 == 0, "binary_lowrank_forward: 5 tensors per path");
+// ±1.0 fp32 rows (rows, width) from packed words (rows, ⌈width/32⌉): the prefill path's tile, unpacked in place of a
+// chain of PyTorch shift/convert ops (an order of magnitude faster, and no int64 temporaries).
+torch::Tensor unpack_signs_f32(const torch::Tensor& bits, int64_t width) {
+  check_bits(bits, "bits");
+  const int64_t rows = bits.size(0), words = bits.size(1);
+  TORCH_CHECK(words * 32 >= width && (words - 1) * 32 < width, "unpack_signs_f32: width does not match the words");
+  torch::Tensor out = torch::empty({rows, width}, torch::TensorOptions().dtype(torch::kFloat));
+  const int32_t* b = bits.data_ptr<int32_t>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, width)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int32_t* row = b + r * words;
+      float* dst = o + r * width;
+      int64_t k = 0;
+#if defined(__AVX2__)
+      const __m256i lanes = _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0);
+      const __m256i sign_bit = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+      const __m256 one = _mm256_set1_ps(1.0f);
+      for (; k + 8 <= width; k += 8) {
+        // bits k..k+7 of the row (k is a multiple of 8): moved to bits 24..31 of the word, then bit 24 + i to the
+        // sign bit of lane i
+        const uint32_t moved = static_cast<uint32_t>(row[k / 32]) << (24 - (k % 32));
+        const __m256i word = _mm256_set1_epi32(static_cast<int>(moved));
+        const __m256i sign = _mm256_and_si256(_mm256_sllv_epi32(word, lanes), sign_bit);
+        _mm256_storeu_ps(dst + k, _mm256_xor_ps(one, _mm256_castsi256_ps(sign)));
+      }
+#endif
+      for (; k < width; ++k) dst[k] = ((static_cast<uint32_t>(row[k / 32]) >> (k % 32)) & 1u) ? -1.0f : 1.0f;
+    }
+  });
+  return out;
+}
+
+struct Path {
+  const int32_t* v_bits;
+  const int32_t* u_bits;
+  int64_t rank, v_words, u_words;
+  std::vector<float> h, l, g;
+};
+
+// x: (M, d_in) in fp32, bf16 or fp16; paths: [v_bits, u_bits, h, l, g] per path; bias: (d_out,) or None. Returns y
+// (M, d_out) in x's dtype. One OpenMP team for the whole call (rows of each stage shared out, a barrier between
+// the stages); calls with fewer than min_parallel_signs sign×token products run on one thread (waking and
+// synchronising a team costs more than they take).
+torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& tensors,
+                                     const c10::optional<torch::Tensor>& bias, int64_t min_parallel_signs) {
+  TORCH_CHECK(x_in.dim() == 2, "binary_lowrank_forward: x must be 2-D (tokens, d_in)");
+  TORCH_CHECK(!tensors.empty() && tensors.size() % 5 == 0, "binary_lowrank_forward: 5 tensors per path");
+  const torch::Tensor x = x_in.scalar_type() == torch::kFloat ? x_in.contiguous() : x_in.to(torch::kFloat).contiguous();
   const int64_t M = x.size(0), d_in = x.size(1);
-  const int64_t d_out = paths[1].size(0);
-  torch::Tensor y = torch::empty({M, d_out}, x.options());
-  for (size_t p = 0; p < paths.size(); p += 5) {
-    const torch::Tensor &v_bits = paths[p], &u_bits = paths[p + 1];
+  const int64_t d_out = tensors[1].size(0);
+  std::vector<Path> paths;
+  int64_t work = 0, t_width = 0;
+  for (size_t p = 0; p < tensors.size(); p += 5) {
+    const torch::Tensor &v_bits = tensors[p], &u_bits = tensors[p + 1];
     check_bits(v_bits, "v_bits");
     check_bits(u_bits, "u_bits");
     const int64_t rank = v_bits.size(0);
     TORCH_CHECK(v_bits.size(1) * 32 >= d_in && (v_bits.size(1) - 1) * 32 < d_in, "v_bits width does not match d_in");
     TORCH_CHECK(u_bits.size(0) == d_out && u_bits.size(1) * 32 >= rank && (u_bits.size(1) - 1) * 32 < rank,
                 "u_bits shape does not match (d_out, rank)");
-    const torch::Tensor h = as_float(paths[p + 2]), l = as_float(paths[p + 3]), g = as_float(paths[p + 4]);
-    TORCH_CHECK(h.numel() == d_out && l.numel() == rank && g.numel() == d_in, "scale vector sizes do not match");
-    // Stage 1 input: x ⊙ g, zero-padded to the word width of V's rows.
-    torch::Tensor xg = torch::zeros({M, 32 * v_bits.size(1)}, x.options());
-    xg.narrow(1, 0, d_in).copy_(x * g);
-    // Stage 1 output (already ⊙ l), zero-padded to the word width of U's rows: it is stage 2's input.
-    torch::Tensor t = torch::zeros({M, 32 * u_bits.size(1)}, x.options());
-    sign_matvec(v_bits, xg, l, t, /*accumulate=*/false);
-    sign_matvec(u_bits, t, h, y, /*accumulate=*/p > 0);
+    Path path{v_bits.data_ptr<int32_t>(), u_bits.data_ptr<int32_t>(), rank, v_bits.size(1), u_bits.size(1),
+              floats(tensors[p + 2]), floats(tensors[p + 3]), floats(tensors[p + 4])};
+    TORCH_CHECK(static_cast<int64_t>(path.h.size()) == d_out && static_cast<int64_t>(path.l.size()) == rank &&
+                static_cast<int64_t>(path.g.size()) == d_in, "scale vector sizes do not match");
+    work += 32 * (rank * path.v_words + d_out * path.u_words);
+    t_width = std::max(t_width, 32 * path.u_words);
+    paths.push_back(std::move(path));
   }
-  if (bias.has_value() && bias->defined()) y.add_(bias->to(torch::kFloat));
-  return y;
+  const int64_t xg_width = 32 * paths[0].v_words;
+  std::vector<float> xg(M * xg_width, 0.0f), t(M * t_width, 0.0f);
+  torch::Tensor y = torch::empty({M, d_out}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  std::vector<float> b;
+  if (bias.has_value() && bias->defined()) b = floats(*bias);
+  const int threads = work * M < min_parallel_signs ? 1 : at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+  for (size_t p = 0; p < paths.size(); ++p) {
+    const Path& path = paths[p];
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < d_in; ++k) xg[m * xg_width + k] = xp[m * d_in + k] * path.g[k];
+    // stage 1: t = (sgn(V) · (x ⊙ g)) ⊙ l, kRowBlock rows of V per iteration
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < path.rank; r += kRowBlock)
+      sign_matvec_rows(path.v_bits, path.v_words, xg.data(), M, xg_width, path.l.data(), t.data(), t_width, false,
+                       r, std::min(r + kRowBlock, path.rank));
+    // stage 2: y (+)= h ⊙ (sgn(U) · t), kRowBlock rows of U per iteration (t's padding beyond rank is zero)
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < d_out; r += kRowBlock)
+      sign_matvec_rows(path.u_bits, path.u_words, t.data(), M, t_width, path.h.data(), yp, d_out, p > 0, r,
+                       std::min(r + kRowBlock, d_out));
+  }
+  if (!b.empty())
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < d_out; ++r) yp[m * d_out + r] += b[r];
+  return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_lowrank_forward", &binary_lowrank_forward,
         "Packed binary low-rank layer forward on CPU (sign words read directly)");
+  m.def("unpack_signs_f32", &unpack_signs_f32, "±1.0 float32 rows from packed sign words");
 }
