@@ -31,6 +31,9 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0
     assert result["method"] == "dbf" and result["allocation"] == "auto"  # the calibrated default
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
+    weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
+    assert result["checkpoint_bytes"] == weights > 0
+    assert result["bpw_checkpoint"] > result["bpw_true"]  # the tiny model's fp32 embeddings and head dominate
     assert result["ppl_fp"] > 1 and result["ppl_quantized"] > 1
     assert (out_dir / "README.md").exists() and (out_dir / "tokenizer.json").exists()
 

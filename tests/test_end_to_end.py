@@ -191,3 +191,15 @@ def test_progress_bar_follows_transformers_switch(fp_checkpoint, capsys):
         hf_logging.enable_progress_bar()
     quantize(fp_checkpoint("llama"), bpw=1.0)
     assert "LittleBit quantizing" in capsys.readouterr().err
+
+
+def test_summary_reports_whole_model_bits_per_parameter(fp_checkpoint):
+    """Next to the converted layers' bpw, the bits per parameter of everything the model holds, over the parameter
+    count of the model before quantization."""
+    path = fp_checkpoint("qwen2")  # biases on q/k/v: counted as parameters of the dense model
+    dense_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(path).parameters())
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LittleBitConfig(bpw=0.55))
+    report = hf_littlebit.summary(model)
+    assert report.model_params == dense_params
+    assert report.bpw_whole_model == pytest.approx(8 * report.model_bytes / dense_params)
+    assert f"{report.bpw_whole_model:.2f} bits per parameter" in str(report)

@@ -88,6 +88,11 @@ def auto_allocation_fits(path: str, config) -> bool:
     return need <= auto_budget_bits(plans, config)
 
 
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of the weight files of a saved model folder (what a download costs; config and tokenizer left out)."""
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
@@ -162,6 +167,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         out=str(out), layers=len(report.layers), bpw_paper=report.bpw_paper, bpw_true=report.bpw_true,
         model_bytes_fp=report.model_bytes_fp16, model_bytes_quantized=report.model_bytes_quantized_fp16,
         model_bytes_in_memory=report.model_bytes, unconverted_share=report.unconverted_share,
+        bpw_whole_model=report.bpw_whole_model, checkpoint_bytes=checkpoint_bytes(out),
+        bpw_checkpoint=8 * checkpoint_bytes(out) / report.model_params if report.model_params else float("nan"),
     )
     if args.eval:
         q_eval = measure(model, tokenizer, text, args)

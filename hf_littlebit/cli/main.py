@@ -29,7 +29,7 @@ def print_table(result: dict[str, Any]) -> None:
     for k, v in rows:
         if isinstance(v, float):
             v = f"{v:.6g}"
-        if k.startswith("model_bytes"):
+        if k.startswith("model_bytes") or k == "checkpoint_bytes":
             v = f"{v:,} ({v / 2**20:.1f} MiB)"
         print(f"{k:<{width}}  {v}")
 

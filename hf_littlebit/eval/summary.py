@@ -39,6 +39,11 @@ class ModelSummary:
     model_bytes: int = 0  # every parameter and buffer of the model as it is now
     model_bytes_fp16: int = 0  # the same model with dense fp16 layers and fp16 everything else
     model_bytes_quantized_fp16: int = 0  # packed layers as stored, every other float tensor at 16 bits
+    # Parameters of the model before quantization (each converted layer counted as its dense weight and bias), and
+    # the bits per parameter of the whole model as it is now (what save_pretrained writes): the number to compare
+    # with other formats, next to bpw_true, which covers the converted layers only.
+    model_params: int = 0
+    bpw_whole_model: float = 0.0
     # Weight tensors (≥ 2-D) that stay dense although nothing asked for it: not nn.Linear (fused MoE experts,
     # Conv1D...), not an embedding, not in modules_to_not_convert. Name → number of parameters.
     unconverted: dict[str, int] = field(default_factory=dict)
@@ -63,8 +68,8 @@ class ModelSummary:
         )
         ratio = self.model_bytes_fp16 / self.model_bytes if self.model_bytes else float("nan")
         lines.append(
-            f"whole model: {self.model_bytes / 2**20:.2f} MiB (dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, "
-            f"{ratio:.1f}x smaller)"
+            f"whole model: {self.model_bytes / 2**20:.2f} MiB, {self.bpw_whole_model:.2f} bits per parameter "
+            f"(dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, {ratio:.1f}x smaller)"
         )
         if self.unconverted:
             first = next(iter(self.unconverted))
@@ -125,6 +130,7 @@ def summary(model: nn.Module) -> ModelSummary:
         stored += bits
         packed_ids.update(id(p) for p in layer.parameters())
         report.model_bytes_fp16 += 2 * (dense + (layer.out_features if layer.bias is not None else 0))
+        report.model_params += dense + (layer.out_features if layer.bias is not None else 0)
     if report.converted_params:
         report.bpw_paper = paper_bits / report.converted_params
         report.bpw_true = stored / report.converted_params
@@ -139,6 +145,10 @@ def summary(model: nn.Module) -> ModelSummary:
             as16 = 2 * t.numel() if t.is_floating_point() else nbytes
             report.model_bytes_fp16 += as16
             report.model_bytes_quantized_fp16 += as16
+            if isinstance(t, nn.Parameter):
+                report.model_params += t.numel()
         else:
             report.model_bytes_quantized_fp16 += nbytes
+    if report.model_params:
+        report.bpw_whole_model = 8 * report.model_bytes / report.model_params
     return report

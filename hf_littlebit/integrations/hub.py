@@ -71,6 +71,7 @@ This model was compressed with [hf-littlebit](https://pypi.org/project/hf-little
 | method | `{cfg.method}` |
 | target bpw | {cfg.bpw} |
 | true bpw (converted layers) | {report.bpw_true:.4f} |
+| whole model, bits per parameter | {report.bpw_whole_model:.2f} (embeddings, LM head and norms as stored) |
 | residual path | {cfg.residual} |
 | converted layers | {len(report.layers)} |
 | model size | {report.model_bytes / 2**20:.1f} MiB (dense fp16: {report.model_bytes_fp16 / 2**20:.1f} MiB) |
