@@ -108,6 +108,25 @@ def test_gradients_flow_to_the_input_as_through_the_reference(tokens, monkeypatc
     assert not any(p.requires_grad for p in layer.parameters())
 
 
+def test_the_kernel_refuses_what_it_would_compute_wrongly():
+    """Direct callers of the extension: paths of different ranks (the shared stage-1 buffer needs one rank)."""
+    kernel = cpu_backend.load_kernel()
+    a, b = make_layer(64, 32, 64, False, False), make_layer(64, 32, 40, False, False)
+    tensors = cpu_backend._path_tensors(a) + cpu_backend._path_tensors(b)
+    with pytest.raises(RuntimeError, match="same rank"):
+        kernel.binary_lowrank_forward(torch.randn(1, 64), tensors, None, 0)
+
+
+def test_a_packed_layer_whose_bias_trains_gets_its_gradient():
+    """The kernels give the input gradient only; a packed layer whose own tensors ask for one runs the reference."""
+    layer = make_layer(40, 24, 16, True, True)
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 40, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.bias.grad is not None and torch.allclose(layer.bias.grad, torch.full((24,), 3.0))
+    assert x.grad is not None
+
+
 def test_prefill_tiles_are_small_and_exact(monkeypatch):
     """The prefill path unpacks a few rows at a time (here 8); the result is the same as in one piece."""
     layer = make_layer(70, 90, 48, True, True)
@@ -163,9 +182,10 @@ def test_without_a_compiler_auto_falls_back_to_torch_with_one_warning(monkeypatc
         warnings.simplefilter("error")  # said once, not on every call
         assert select_backend(layer, x) == "torch"
         torch.testing.assert_close(layer(x), torch_forward(layer, x))
-    layer.backend = "cpu"
-    with pytest.raises(RuntimeError, match="packed CPU kernel is not available"):
-        layer(x)
+    layer.backend = "cpu"  # asked for explicitly: a clear error before any work, at any token count
+    for tokens in (1, 40):
+        with pytest.raises(RuntimeError, match="packed CPU kernel is not available"):
+            layer(torch.randn(tokens, 40))
 
 
 def test_greedy_generation_equals_the_reference(fp_checkpoint):

@@ -105,6 +105,8 @@ def test_split_k_is_reachable_from_the_layer(monkeypatch):
     y_attr = layer(x)
     assert seen == [2, 3] and split_k_for(layer) == 3
     torch.testing.assert_close(y_env, y_attr, rtol=1e-5, atol=1e-5)
+    layer.split_k = 0  # the layer's explicit "automatic" wins over the environment too
+    assert split_k_for(layer) == 0
     monkeypatch.setenv(ENV_SPLIT_K, "-1")
     del layer.split_k
     with pytest.raises(ValueError, match="non-negative"):

@@ -98,7 +98,7 @@ def cpu_kernel_available() -> bool:
 
 def _unpack() -> tiled.Unpack:
     """The kernel's ±1 unpacking of a tile of sign rows when it is built, else PyTorch's."""
-    kernel = load_kernel() if cpu_kernel_available() else None
+    kernel = load_kernel()
     return kernel.unpack_signs_f32 if kernel is not None else tiled.unpack_fp32
 
 

@@ -55,6 +55,9 @@ def select_backend(layer: Any, x: torch.Tensor) -> str:
         return "cpu" if x.device.type == "cpu" and cpu_kernel_available() else "torch"
     if choice == "cpu" and x.device.type != "cpu":
         raise RuntimeError(f"LittleBit backend 'cpu' runs on CPU tensors; this input is on {x.device}. Use 'auto'.")
+    if choice == "cpu" and not cpu_kernel_available():
+        raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning about "
+                           "its build); use backend='auto' or 'torch'")
     if choice == "triton" and not x.is_cuda and not interpreter_enabled():
         raise RuntimeError(
             "LittleBit backend 'triton' runs on CUDA tensors only (CPU tensors only under TRITON_INTERPRET=1, for "
@@ -65,7 +68,14 @@ def select_backend(layer: Any, x: torch.Tensor) -> str:
     return choice
 
 
+def _trains_own_tensors(layer: Any) -> bool:
+    """A packed layer whose bias or scales ask for a gradient: the fast kernels give the input gradient only."""
+    params = layer._parameters
+    return any(p is not None and p.requires_grad for p in params.values())
+
+
 def littlebit_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
-    if layer.is_trainable:  # fast kernels serve packed layers only
+    # Trainable layers, and packed layers whose own tensors train, need the reference path's full autograd.
+    if layer.is_trainable or (torch.is_grad_enabled() and _trains_own_tensors(layer)):
         return torch_forward(layer, x)
     return BACKENDS[select_backend(layer, x)](layer, x)

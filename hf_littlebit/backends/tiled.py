@@ -1,6 +1,6 @@
 """Packed-layer products computed from the sign words a tile of rows at a time, on any device.
 
-A tile of sign rows is unpacked into a small fp32 buffer (at most :data:`TILE_BYTES`) and multiplied by a GEMM, so
+A tile of sign rows is unpacked into a small fp32 buffer (:data:`TILE_BYTES`) and multiplied by a GEMM, so
 the memory held never grows with the layer: the prefill path of the CPU backend, and the input gradient of packed
 layers (adapters train through them) for the CPU and Triton backends. The layer is seen through its attributes.
 """
@@ -14,7 +14,8 @@ import torch
 
 from ..format.packing import unpack_signs
 
-#: Bytes of the fp32 buffer one unpacked tile of sign rows may take.
+#: Bytes of the fp32 buffer one unpacked tile of sign rows may take (a tile holds at least 8 rows, so only rows wider
+#: than TILE_BYTES / 32 signs exceed it).
 TILE_BYTES = 4 << 20
 
 

@@ -86,7 +86,9 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple:
 
 def split_k_for(layer: Any) -> int:
     """Splits of the decode kernels' stage 1: the layer's ``split_k``, else ``$LITTLEBIT_SPLIT_K``, else 0 (auto)."""
-    value = getattr(layer, "split_k", None) or os.environ.get(ENV_SPLIT_K) or 0
+    value = getattr(layer, "split_k", None)
+    if value is None:
+        value = os.environ.get(ENV_SPLIT_K) or 0
     try:
         splits = int(value)
     except ValueError:

@@ -200,6 +200,9 @@ struct Path {
 torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vector<torch::Tensor>& tensors,
                                      const c10::optional<torch::Tensor>& bias, int64_t min_parallel_signs) {
   TORCH_CHECK(x_in.dim() == 2, "binary_lowrank_forward: x must be 2-D (tokens, d_in)");
+  TORCH_CHECK(x_in.device().is_cpu(), "binary_lowrank_forward: x must be a CPU tensor");
+  for (const auto& t : tensors) TORCH_CHECK(t.device().is_cpu(), "binary_lowrank_forward: tensors must be on CPU");
+  TORCH_CHECK(!bias.has_value() || !bias->defined() || bias->device().is_cpu(), "binary_lowrank_forward: bias on CPU");
   TORCH_CHECK(!tensors.empty() && tensors.size() % 5 == 0, "binary_lowrank_forward: 5 tensors per path");
   const torch::Tensor x = x_in.scalar_type() == torch::kFloat ? x_in.contiguous() : x_in.to(torch::kFloat).contiguous();
   const int64_t M = x.size(0), d_in = x.size(1);
@@ -211,6 +214,8 @@ torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vecto
     check_bits(v_bits, "v_bits");
     check_bits(u_bits, "u_bits");
     const int64_t rank = v_bits.size(0);
+    // The stage-1 buffer is shared by the paths: its padding beyond the rank must stay zero for every path.
+    TORCH_CHECK(paths.empty() || rank == paths[0].rank, "binary_lowrank_forward: all paths must have the same rank");
     TORCH_CHECK(v_bits.size(1) * 32 >= d_in && (v_bits.size(1) - 1) * 32 < d_in, "v_bits width does not match d_in");
     TORCH_CHECK(u_bits.size(0) == d_out && u_bits.size(1) * 32 >= rank && (u_bits.size(1) - 1) * 32 < rank,
                 "u_bits shape does not match (d_out, rank)");
@@ -254,7 +259,10 @@ torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vecto
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The GIL is released while the kernels run: other Python threads (a server's) keep going.
   m.def("binary_lowrank_forward", &binary_lowrank_forward,
-        "Packed binary low-rank layer forward on CPU (sign words read directly)");
-  m.def("unpack_signs_f32", &unpack_signs_f32, "±1.0 float32 rows from packed sign words");
+        "Packed binary low-rank layer forward on CPU (sign words read directly)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unpack_signs_f32", &unpack_signs_f32, "±1.0 float32 rows from packed sign words",
+        py::call_guard<py::gil_scoped_release>());
 }
