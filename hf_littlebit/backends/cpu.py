@@ -13,6 +13,7 @@ fails, one warning says so, and the backend answers unavailable: ``"auto"`` then
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
 import logging
 import os
@@ -70,7 +71,9 @@ def load_kernel() -> Any | None:
 
             source = importlib.resources.files("hf_littlebit.kernels") / "binary_lowrank_cpu.cpp"
             flags = _build_flags()
-            name = "hf_littlebit_cpu_" + ("avx2" if "-mavx2" in flags else "portable")
+            # The source's hash in the name: two installs (or checkouts) with different kernels never share a build.
+            digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+            name = f"hf_littlebit_cpu_{'avx2' if '-mavx2' in flags else 'portable'}_{digest}"
             if not _already_built(name):
                 logger.warning("hf_littlebit: building the packed CPU kernel for this machine (once, about a "
                                "minute; cached in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR)")
