@@ -127,6 +127,22 @@ def test_a_packed_layer_whose_bias_trains_gets_its_gradient():
     assert x.grad is not None
 
 
+@pytest.mark.parametrize("tokens", [3, 40])
+def test_torch_compile_traces_the_packed_layer_in_one_graph(tokens):
+    """Under ``torch.compile(fullgraph=True)`` the kernel is an opaque custom op and the backward traceable PyTorch:
+    the same output and input gradient as eager."""
+    layer = make_layer(70, 50, 24, True, True)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(tokens, 70, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    got, x.grad = x.grad, None
+    ref = layer(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, x.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_prefill_tiles_are_small_and_exact(monkeypatch):
     """The prefill path unpacks a few rows at a time (here 8); the result is the same as in one piece."""
     layer = make_layer(70, 90, 48, True, True)

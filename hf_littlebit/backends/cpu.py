@@ -93,6 +93,7 @@ def load_kernel() -> Any | None:
     return _state["module"]
 
 
+@torch.compiler.assume_constant_result
 def cpu_kernel_available() -> bool:
     """True when the packed CPU kernel is (or can be) built. ``LITTLEBIT_CPU_KERNEL=0`` turns it off (read once, at
     the first use: the answer is asked for on every forward, where an environment lookup per layer would show)."""
@@ -100,7 +101,10 @@ def cpu_kernel_available() -> bool:
 
 
 def _unpack() -> tiled.Unpack:
-    """The kernel's ±1 unpacking of a tile of sign rows when it is built, else PyTorch's."""
+    """The kernel's ±1 unpacking of a tile of sign rows when it is built, else (and under ``torch.compile``, which
+    traces it) PyTorch's."""
+    if torch.compiler.is_compiling():
+        return tiled.unpack_fp32
     kernel = load_kernel()
     return kernel.unpack_signs_f32 if kernel is not None else tiled.unpack_fp32
 
@@ -126,9 +130,26 @@ def cpu_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 
+@torch.library.custom_op("hf_littlebit::binary_lowrank_cpu", mutates_args=())
+def _kernel_op(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    """The kernel as an opaque op for ``torch.compile`` (eager calls go to the extension directly: no op dispatch
+    per layer)."""
+    kernel = load_kernel()
+    if kernel is None:
+        raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning)")
+    return kernel.binary_lowrank_forward(x, tensors, bias, MIN_PARALLEL_SIGNS)
+
+
+@_kernel_op.register_fake
+def _(x: torch.Tensor, tensors: list[torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((x.shape[0], tensors[1].shape[0]))
+
+
 def _packed_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
     """2-D ``xs`` of any float dtype → ``Y`` in the same dtype (computed in fp32)."""
     if xs.shape[0] <= KERNEL_MAX_TOKENS:
+        if torch.compiler.is_compiling():
+            return _kernel_op(xs, _path_tensors(layer), layer.bias)
         kernel = load_kernel()
         if kernel is None:
             raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning)")
