@@ -14,8 +14,9 @@ GEMM above) against ``torch.nn.functional.linear`` in fp16 (cuBLAS). Times are m
 the 50 MB L2 and look faster than memory allows). "GB/s" is the bytes a call must move (packed words, scales,
 activations in and out) over its time; "roofline" divides that by the copy bandwidth measured in the same run.
 
-On a CPU the same script measures the PyTorch path (fp32, ±1 factors unpacked once and cached) against the dense
-fp32 matmul, with wall-clock medians.
+On a CPU the same script measures the PyTorch path (``backend="torch"``: fp32, ±1 factors unpacked once and cached)
+against the dense fp32 matmul, with wall-clock medians; the packed CPU kernel (the default on CPU) is measured by
+``bench/cpu_speed.py``.
 
 Shapes are ``d_in×d_out`` (4096×11008 is an up-projection). The layers have random packed signs and scales at the
 rank the paper's rule gives for each bpw (the kernels' speed does not depend on the values).
