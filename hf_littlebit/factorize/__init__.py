@@ -4,6 +4,8 @@ Every method maps ``(weight, rank, generator) → FactorPath``; :func:`factorize
 compute, the residual path fitted to what the main path (with its scales already rounded to storage precision)
 leaves over, the optional importance weighting of the input channels, and the cast of the scales to their storage
 dtype. New methods register in :data:`FACTORIZERS`.
+
+The math only: plain tensors in and out; imports nothing else of hf_littlebit and nothing of Transformers.
 """
 
 from __future__ import annotations
