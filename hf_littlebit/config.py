@@ -82,6 +82,14 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_tune_norms: also fit the block's normalisation weights.
         calibration_loss: ``"token_normalized"`` (mean over tokens of ‖y − t‖² / ‖t‖², robust to the few huge
             activations of LLM residual streams) or ``"mse"``.
+        calibration_fisher: measure, once on the fp model, the mean squared gradient of the next-token loss with
+            respect to every output channel of every converted Linear and of every block (an empirical Fisher
+            diagonal; tokens clipped at the 99.9th percentile of their gradient norm, then shrunk toward the mean),
+            and use it twice: each factorisation is preconditioned on its output side too (``diag(√h_out) W``, next
+            to the input second moments when ``activation_aware``), and the block loss weights its channels by the
+            block's statistic (``Σ_c w_c (y − t)_c² / Σ_c w_c t_c²`` per token). One extra forward and backward pass
+            of the fp model over the calibration set.
+        calibration_fisher_shrinkage: γ of that shrinkage, ``h ← (1 − γ) h + γ mean(h)`` (0.4).
         calibration_targets: what each block is fitted to: the fp model's activations after that block
             (``"fp_inputs"``, default: the block also learns to undo the error accumulated before it) or the fp
             block's outputs on the quantized prefix's outputs (``"quantized_inputs"``). On SmolLM2 at 1.0 bpw the
@@ -140,6 +148,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_scale_lr: float = 1e-2,
         calibration_tune_norms: bool = False,
         calibration_loss: str = "token_normalized",
+        calibration_fisher: bool = False,
+        calibration_fisher_shrinkage: float = 0.4,
         calibration_targets: str = "fp_inputs",
         calibration_e2e_steps: int = 0,
         calibration_e2e_lr: float = 1e-2,
@@ -176,6 +186,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.calibration_scale_lr = calibration_scale_lr
         self.calibration_tune_norms = calibration_tune_norms
         self.calibration_loss = calibration_loss
+        self.calibration_fisher = calibration_fisher
+        self.calibration_fisher_shrinkage = calibration_fisher_shrinkage
         self.calibration_targets = calibration_targets
         self.calibration_e2e_steps = calibration_e2e_steps
         self.calibration_e2e_lr = calibration_e2e_lr
@@ -265,6 +277,14 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: calibration_tune_norms must be True or False, got {self.calibration_tune_norms!r}"
             )
+        if not isinstance(self.calibration_fisher, bool):
+            raise ValueError(
+                f"LittleBitConfig: calibration_fisher must be True or False, got {self.calibration_fisher!r}"
+            )
+        if not isinstance(self.calibration_fisher_shrinkage, int | float) or isinstance(
+                self.calibration_fisher_shrinkage, bool) or not 0 <= self.calibration_fisher_shrinkage <= 1:
+            raise ValueError("LittleBitConfig: calibration_fisher_shrinkage must be a number in [0, 1], got "
+                             f"{self.calibration_fisher_shrinkage!r}")
         if self.calibration_loss not in CALIBRATION_LOSSES:
             raise ValueError(
                 f"LittleBitConfig: calibration_loss must be one of {list(CALIBRATION_LOSSES)}, "

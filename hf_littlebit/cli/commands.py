@@ -107,7 +107,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                                dbf_iterations=args.dbf_iterations, allocation=allocation,
                                itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
                                calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps,
-                               calibration_e2e_steps=args.e2e_steps)
+                               calibration_e2e_steps=args.e2e_steps, calibration_fisher=args.fisher)
 
     make_config(args.method or "littlebit", args.allocation or "uniform")  # bad arguments fail before any work
     path = resolve_model(args.model, args.cache_dir)

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
     q.add_argument("--steps", type=int, default=30,
                    help="optimiser steps per transformer block (default 30: minutes on a CPU; more is better)")
+    q.add_argument("--fisher", action="store_true",
+                   help="measure the fp model's output-gradient Fisher diagonal first and use it to precondition "
+                        "each factorisation and to weight the block loss (one extra forward/backward pass)")
     q.add_argument("--e2e-steps", type=int, default=20,
                    help="steps of the end-to-end phase after the block-wise pass (scales tuned on the fp model's "
                         "next-token distribution; default 20: ~3 minutes on a CPU, 0 skips it)")

@@ -33,17 +33,20 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def factorize_for_layer(weight: torch.Tensor, plan: LayerPlan | LittleBitLinear, config: LittleBitConfig,
-                        name: str | None = None, input_importance: torch.Tensor | None = None) -> list[FactorPath]:
+                        name: str | None = None, input_importance: torch.Tensor | None = None,
+                        output_importance: torch.Tensor | None = None) -> list[FactorPath]:
     """The configured method's factor paths (with continuous latents) for one layer's dense ``weight``.
 
     ``input_importance`` (mean squared input per channel, from calibration) is used when the config is
-    ``activation_aware``."""
+    ``activation_aware``; ``output_importance`` (the output-gradient Fisher diagonal, ``calibration_fisher``)
+    whenever it is given."""
     name = name or getattr(plan, "name", "weight")
     return factorize(
         weight, plan.rank, method=config.method, residual=config.residual,
         seed=layer_seed(config.seed, name), scale_dtype=config.torch_scale_dtype, name=name,
         options=config.factorizer_options(),
         input_importance=input_importance if config.activation_aware else None,
+        output_importance=output_importance,
     )
 
 

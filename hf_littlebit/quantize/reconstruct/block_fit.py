@@ -13,18 +13,25 @@ from .options import ReconstructionOptions
 from .store import ActivationStore
 
 
-def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """``"token_normalized"``: mean over tokens of ‖y − t‖² / ‖t‖²; ``"mse"``: mean squared error."""
+def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``"token_normalized"``: mean over tokens of ‖y − t‖² / ‖t‖²; ``"mse"``: mean squared error. ``weight`` (one
+    non-negative weight per channel, e.g. the block output's Fisher diagonal) weighs the channels of both:
+    ``Σ_c w_c (y − t)_c² / Σ_c w_c t_c²`` per token, or the weighted mean squared error."""
     diff = (y.float() - target.float()).pow(2)
+    sq = target.float().pow(2)
+    if weight is not None:
+        w = weight.to(device=diff.device, dtype=torch.float32)
+        w = w / w.mean().clamp_min(1e-30)  # the same loss scale as unweighted
+        diff, sq = diff * w, sq * w
     if kind == "mse":
         return diff.mean()
-    return (diff.sum(-1) / target.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
+    return (diff.sum(-1) / sq.sum(-1).clamp_min(1e-12)).mean()
 
 
 @torch.no_grad()
 def evaluate_block(
     block: nn.Module, inputs: ActivationStore, targets: ActivationStore, kwargs: dict, kind: str,
-    device: torch.device, next_inputs: ActivationStore | None = None,
+    device: torch.device, next_inputs: ActivationStore | None = None, weight: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """Mean loss over all batches, and the error relative to the block's contribution ``‖y − t‖² / ‖t − x‖²``
     (the residual stream dominates ``‖t‖``, so the loss alone flatters a block). With ``next_inputs`` the outputs
@@ -33,7 +40,7 @@ def evaluate_block(
     for x, t in zip(inputs, targets, strict=True):
         x, t = x.to(device), t.to(device)
         y = block_output(block, x, kwargs)
-        total += block_loss(y, t, kind).item()
+        total += block_loss(y, t, kind, weight).item()
         err += (y.float() - t.float()).pow(2).sum().item()
         ref += (t.float() - x.float()).pow(2).sum().item()
         if next_inputs is not None:
@@ -43,9 +50,10 @@ def evaluate_block(
 
 def optimise_block(
     block: nn.Module, layers: list[LittleBitLinear], inputs: ActivationStore, targets: ActivationStore,
-    kwargs: dict, opts: ReconstructionOptions, seed: int, device: torch.device,
+    kwargs: dict, opts: ReconstructionOptions, seed: int, device: torch.device, weight: torch.Tensor | None = None,
 ) -> None:
-    """Adam on latents and scales (and norms) of one block for ``opts.steps`` minibatch steps, cosine schedule."""
+    """Adam on latents and scales (and norms) of one block for ``opts.steps`` minibatch steps, cosine schedule, on
+    :func:`block_loss` (channels weighted by ``weight`` when given)."""
     norms = norm_params(block) if opts.tune_norms else []
     for p in norms:
         p.requires_grad_(True)
@@ -54,7 +62,7 @@ def optimise_block(
         for step, i in enumerate(minibatch_indices(len(inputs), opts.steps, seed)):
             cosine_lr_(optimizer, step, opts.steps)
             y = block_output(block, inputs[i].to(device), kwargs)
-            loss = block_loss(y, targets[i].to(device), opts.loss)
+            loss = block_loss(y, targets[i].to(device), opts.loss, weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -37,8 +37,10 @@ from torch import nn
 from transformers.utils import logging
 
 from ...config import LittleBitConfig
+from ...errors import ReconstructionError
 from ...nn.layer import LittleBitLinear
 from ..activation_stats import InputSecondMoments
+from ..fisher import CurvatureStats, gradient_second_moments
 from ..layers import factorize_for_layer, new_littlebit_layer
 from ..plan import LayerPlan
 from .block_fit import evaluate_block, optimise_block
@@ -108,7 +110,8 @@ class BlockReconstructor:
             layer = new_littlebit_layer(plan, self.config, dense, device=self.device)
             if trainable:
                 paths = factorize_for_layer(dense.weight, plan, self.config,
-                                            input_importance=(importance or {}).get(plan.name))
+                                            input_importance=(importance or {}).get(plan.name),
+                                            output_importance=self._output_importance(plan.name))
                 layer.make_trainable_(paths, estimator=self.opts.estimator, alpha=self.opts.alpha)
             layers.append(layer)
             self.model.set_submodule(plan.name, layer)
@@ -126,6 +129,24 @@ class BlockReconstructor:
         self.result.blocks = [BlockReport(**b) for b in reports]
         return done
 
+    def _curvature(self) -> CurvatureStats:
+        """The fp model's Fisher statistics: measured before the first block is touched and kept in the work folder,
+        so a resumed run (whose first blocks are already quantized) uses the very same ones."""
+        saved = self.work.load_curvature()
+        if saved is not None:
+            return CurvatureStats.from_tensors(saved)
+        if any(isinstance(m, LittleBitLinear) for m in self.model.modules()):
+            raise ReconstructionError("the work folder lacks the Fisher statistics of this run; start it again "
+                                      "with an empty work folder")
+        linears = {name: self.model.get_submodule(name) for name in self.plans}
+        stats = gradient_second_moments(self.model, self.blocks, linears, self.tokens, self.batch_size,
+                                        shrinkage=self.opts.fisher_shrinkage, progress=self.progress)
+        self.work.save_curvature(stats.to_tensors())
+        return stats
+
+    def _output_importance(self, name: str) -> torch.Tensor | None:
+        return self.curvature.linear_out.get(name) if self.curvature is not None else None
+
     # ------------------------------------------------------------------ main loop
     def run(self) -> ReconstructionResult:
         self.result = ReconstructionResult()
@@ -133,6 +154,7 @@ class BlockReconstructor:
                                fingerprint(self.model, self.config, self.tokens, self.opts))
         start = self._restore_finished_blocks()
         self.result.resumed_from = start
+        self.curvature = self._curvature() if self.opts.fisher else None
         # On resume only one batch is run, for the blocks' arguments; the inputs come from the work folder.
         capture = self.tokens if start == 0 else self.tokens[: self.batch_size]
         inputs, kwargs = capture_block_inputs(
@@ -172,7 +194,8 @@ class BlockReconstructor:
         for plan in self.outside_plans():
             dense = self.model.get_submodule(plan.name)
             layer = new_littlebit_layer(plan, self.config, dense, device=dense.weight.device)
-            layer.set_factors_(factorize_for_layer(dense.weight, plan, self.config))
+            layer.set_factors_(factorize_for_layer(dense.weight, plan, self.config,
+                                                   output_importance=self._output_importance(plan.name)))
             self.model.set_submodule(plan.name, layer)
             self.result.outside_blocks.append(plan.name)
 
@@ -196,14 +219,17 @@ class BlockReconstructor:
                 for x in fp_inputs:
                     fp_next.append(block_output(block, x.to(self.device), kwargs))
         layers = self._convert_block(index, trainable=True, importance=stats.mean())
-        before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device)
+        weight = self.curvature.block_out[index] if self.curvature is not None else None  # Fisher-weighted loss
+        before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device,
+                                              weight=weight)
         if layers and self.opts.steps > 0:
             optimise_block(block, layers, inputs, targets, kwargs, self.opts,
-                           seed=self.config.seed * 1_000_003 + index, device=self.device)
+                           seed=self.config.seed * 1_000_003 + index, device=self.device, weight=weight)
         for layer in layers:
             layer.pack_()
         next_inputs = ActivationStore(self._spill_dir(f"inputs_{index + 1}"))
-        after, delta_after = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device, next_inputs)
+        after, delta_after = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device, next_inputs,
+                                            weight=weight)
         inputs.clear()
         if fp_inputs is not None:  # the fp block's outputs are the fp model's inputs of the next block
             fp_inputs.clear()

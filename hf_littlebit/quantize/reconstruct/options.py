@@ -64,6 +64,8 @@ class ReconstructionOptions:
     max_activation_gib: float = 4.0
     e2e_steps: int = 0
     e2e_lr: float = 1e-2
+    fisher: bool = False
+    fisher_shrinkage: float = 0.4
 
     @property
     def tracks_fp(self) -> bool:
@@ -78,4 +80,5 @@ class ReconstructionOptions:
             loss=config.calibration_loss, targets=config.calibration_targets, estimator=config.sign_estimator,
             alpha=config.smoothsign_alpha, max_activation_gib=config.calibration_offload_gib,
             e2e_steps=config.calibration_e2e_steps, e2e_lr=config.calibration_e2e_lr,
+            fisher=config.calibration_fisher, fisher_shrinkage=config.calibration_fisher_shrinkage,
         )

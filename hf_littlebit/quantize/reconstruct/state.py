@@ -18,6 +18,7 @@ from .options import BlockReport, ReconstructionOptions
 from .store import ActivationStore
 
 STATE_FILE = "progress.json"
+CURVATURE_FILE = "curvature.safetensors"
 WORK_FORMAT = 1
 
 
@@ -80,6 +81,18 @@ class WorkFolder:
                 "resume with the same settings, or use an empty work folder"
             )
         return int(state["next_block"]), list(state.get("reports", []))
+
+    def load_curvature(self) -> dict[str, torch.Tensor] | None:
+        """The Fisher statistics saved by this run, if any."""
+        path = self.path / CURVATURE_FILE if self.path is not None else None
+        return load_file(str(path)) if path is not None and path.exists() else None
+
+    def save_curvature(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.path is None:
+            return
+        tmp = self.path / (CURVATURE_FILE + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        tmp.replace(self.path / CURVATURE_FILE)
 
     def block_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """The saved state dict of finished block ``index``."""
