@@ -112,7 +112,7 @@ def test_the_kernel_refuses_what_it_would_compute_wrongly():
     """Direct callers of the extension: paths of different ranks (the shared stage-1 buffer needs one rank)."""
     kernel = cpu_backend.load_kernel()
     a, b = make_layer(64, 32, 64, False, False), make_layer(64, 32, 40, False, False)
-    tensors = cpu_backend._path_tensors(a) + cpu_backend._path_tensors(b)
+    tensors = tiled.path_tensors(a) + tiled.path_tensors(b)
     with pytest.raises(RuntimeError, match="same rank"):
         kernel.binary_lowrank_forward(torch.randn(1, 64), tensors, None, 0)
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from . import tiled
+from .reference import check_input_width
 
 #: Up to this many tokens the C++ kernel runs; above it the tiled GEMM (the kernel's cost grows with the tokens,
 #: a GEMM's barely does).
@@ -109,19 +110,13 @@ def _unpack() -> tiled.Unpack:
     return kernel.unpack_signs_f32 if kernel is not None else tiled.unpack_fp32
 
 
-def _path_tensors(layer: Any) -> list[torch.Tensor]:
-    params = layer._parameters  # a dict lookup: nn.Module.__getattr__ costs microseconds per name, per call
-    return [params[prefix + name] for prefix in layer.active_prefixes for name in ("v_bits", "u_bits", "h", "l", "g")]
-
-
 def cpu_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """``Y = Σ_paths ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h + bias`` from the packed words, computed in fp32, returned
     in ``x``'s dtype.
 
     Differentiable in ``x`` (the packed factors are frozen): adapters (PEFT LoRA) and gradient checkpointing train
     through packed layers, with the backward also reading the words tile by tile."""
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
+    check_input_width(layer, x)
     xs = x.reshape(-1, layer.in_features)
     if torch.is_grad_enabled() and xs.requires_grad:
         y = _PackedLinear.apply(xs.float(), layer).to(x.dtype)
@@ -149,11 +144,11 @@ def _packed_forward(layer: Any, xs: torch.Tensor) -> torch.Tensor:
     """2-D ``xs`` of any float dtype → ``Y`` in the same dtype (computed in fp32)."""
     if xs.shape[0] <= KERNEL_MAX_TOKENS:
         if torch.compiler.is_compiling():
-            return _kernel_op(xs, _path_tensors(layer), layer.bias)
+            return _kernel_op(xs, tiled.path_tensors(layer), layer.bias)
         kernel = load_kernel()
         if kernel is None:
             raise RuntimeError("LittleBit backend 'cpu': the packed CPU kernel is not available (see the warning)")
-        return kernel.binary_lowrank_forward(xs, _path_tensors(layer), layer.bias, MIN_PARALLEL_SIGNS)
+        return kernel.binary_lowrank_forward(xs, tiled.path_tensors(layer), layer.bias, MIN_PARALLEL_SIGNS)
     return tiled.layer_forward(layer, xs.float(), _unpack()).to(xs.dtype)
 
 

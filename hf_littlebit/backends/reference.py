@@ -20,6 +20,12 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def check_input_width(layer: Any, x: torch.Tensor) -> None:
+    """The one check every backend makes before touching ``x``: its last dimension is the layer's ``in_features``."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
+
+
 def torch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """``Y = ((((X ⊙ g) sgn(V)ᵀ) ⊙ l) sgn(U)ᵀ) ⊙ h`` per path, summed, plus bias.
 
@@ -27,8 +33,7 @@ def torch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     matmuls per call). Half precision and trainable layers go path by path; trainable ones take the signs of
     their latents through the sign estimator, so that code is differentiable in latents, scales and input.
     """
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
+    check_input_width(layer, x)
     dtype = compute_dtype_for(x)
     xs = x.reshape(-1, layer.in_features).to(dtype)
     if layer.is_trainable or dtype != torch.float32:

@@ -83,8 +83,17 @@ def paths_input_grad(paths: list[tuple[torch.Tensor, ...]], grad: torch.Tensor, 
     return total
 
 
+PATH_ORDER = ("v_bits", "u_bits", "h", "l", "g")
+
+
+def path_tensors(layer: Any) -> list[torch.Tensor]:
+    """The active paths' tensors in :data:`PATH_ORDER`, flat (the CPU kernel's argument list)."""
+    params = layer._parameters  # a dict lookup: nn.Module.__getattr__ costs microseconds per name, per call
+    return [params[prefix + name] for prefix in layer.active_prefixes for name in PATH_ORDER]
+
+
 def layer_input_grad(layer: Any, grad: torch.Tensor, unpack: Unpack = unpack_fp32) -> torch.Tensor:
     """:func:`paths_input_grad` of a packed layer's active paths."""
-    paths = [tuple(getattr(layer, prefix + n) for n in ("v_bits", "u_bits", "h", "l", "g"))
-             for prefix in layer.active_prefixes]
+    flat = path_tensors(layer)
+    paths = [tuple(flat[i:i + len(PATH_ORDER)]) for i in range(0, len(flat), len(PATH_ORDER))]
     return paths_input_grad(paths, grad, layer.in_features, unpack)

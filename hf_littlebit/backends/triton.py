@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from . import tiled
+from .reference import check_input_width
 
 ENV_SPLIT_K = "LITTLEBIT_SPLIT_K"
 
@@ -101,8 +102,7 @@ def split_k_for(layer: Any) -> int:
 def triton_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """The fused Triton kernels (custom op ``torch.ops.hf_littlebit.binary_lowrank_linear``) on the packed words;
     differentiable in ``x``."""
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(f"LittleBitLinear expects inputs with last dim {layer.in_features}, got {tuple(x.shape)}")
+    check_input_width(layer, x)
     _kernels_ready()
     res = layer.residual and layer.residual_enabled
     tensors = [getattr(layer, name) for name in ("v_bits", "g", "l", "u_bits", "h")]

@@ -112,7 +112,8 @@ def summary(model: nn.Module) -> ModelSummary:
     packed_ids = set()
     paper_bits = 0.0
     stored = 0
-    for name, layer in littlebit_layers(model).items():
+    layers = littlebit_layers(model)
+    for name, layer in layers.items():
         dense = layer.in_features * layer.out_features
         bias_bytes = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
         bits = layer.stored_bits()
@@ -134,13 +135,12 @@ def summary(model: nn.Module) -> ModelSummary:
     if report.converted_params:
         report.bpw_paper = paper_bits / report.converted_params
         report.bpw_true = stored / report.converted_params
-    skip = list(getattr(cfg, "modules_to_not_convert", None) or [])
-    report.unconverted = unconverted_weights(model, littlebit_layers(model), skip)
-    total = sum(p.numel() for p in _unique_tensors(model) if isinstance(p, nn.Parameter))
-    report.unconverted_share = sum(report.unconverted.values()) / total if total else 0.0
+    total_params = 0  # of the model as it is now (the denominator of unconverted_share)
     for t in _unique_tensors(model):
         nbytes = t.numel() * t.element_size()
         report.model_bytes += nbytes
+        if isinstance(t, nn.Parameter):
+            total_params += t.numel()
         if id(t) not in packed_ids:
             as16 = 2 * t.numel() if t.is_floating_point() else nbytes
             report.model_bytes_fp16 += as16
@@ -151,4 +151,7 @@ def summary(model: nn.Module) -> ModelSummary:
             report.model_bytes_quantized_fp16 += nbytes
     if report.model_params:
         report.bpw_whole_model = 8 * report.model_bytes / report.model_params
+    skip = list(getattr(cfg, "modules_to_not_convert", None) or [])
+    report.unconverted = unconverted_weights(model, layers, skip)
+    report.unconverted_share = sum(report.unconverted.values()) / total_params if total_params else 0.0
     return report
