@@ -10,6 +10,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..format.budget import paper_bpw
+from ..nn.experts import FUSED_TO_LIST, LittleBitExperts
 from ..nn.layer import littlebit_layers
 
 
@@ -89,8 +90,10 @@ def unconverted_weights(model: nn.Module, converted: Iterable[str], skip: list[s
     for module_name, module in model.named_modules():
         if module_name in converted or isinstance(module, nn.Embedding) or not should_convert_module(module_name, skip):
             continue
+        placeholders = FUSED_TO_LIST if isinstance(module, LittleBitExperts) else ()  # being quantized on load
         for name, param in module.named_parameters(recurse=False):
-            if param.dim() >= 2:
+            # per-expert biases are (E, d_out): two dimensions, still biases
+            if param.dim() >= 2 and not name.endswith("bias") and name not in placeholders:
                 found[f"{module_name}.{name}" if module_name else name] = param.numel()
     return found
 

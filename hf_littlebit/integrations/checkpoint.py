@@ -10,6 +10,12 @@ from torch import nn
 from ..errors import LittleBitCheckpointError
 from ..nn.layer import littlebit_layers
 
+try:  # the loader's own renaming of checkpoint keys (e.g. Mixtral's block_sparse_moe → mlp)
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+except ImportError:  # pragma: no cover - older transformers: keys are compared as written
+    get_model_conversion_mapping = None
+
 _SAFETENSORS_DTYPES = {
     torch.int32: "I32",
     torch.float16: "F16",
@@ -34,6 +40,7 @@ def check_checkpoint_tensors(model: nn.Module, checkpoint_files: list[str] | Non
             for key in f.keys():
                 sl = f.get_slice(key)
                 header[key] = (tuple(sl.get_shape()), sl.get_dtype())
+    header = _as_loaded(model, header)
     problems = []
     for name, module in littlebit_layers(model).items():
         for tensor, (shape, dtype) in module.expected_tensors().items():
@@ -50,3 +57,24 @@ def check_checkpoint_tensors(model: nn.Module, checkpoint_files: list[str] | Non
             "The packed tensors and the recorded ranks disagree; the folder is corrupt or was edited. "
             "Re-save it from the model, or re-quantize the full-precision checkpoint."
         )
+
+
+def _as_loaded(model: nn.Module, header: dict[str, tuple]) -> dict[str, tuple]:
+    """Header keys renamed as the loader renames them: ``save_pretrained`` writes an architecture's original names
+    (Mixtral's ``block_sparse_moe``), the model's modules carry the new ones. Both names are kept."""
+    if get_model_conversion_mapping is None:
+        return header
+    try:
+        mapping = get_model_conversion_mapping(model, add_legacy=False)
+    except Exception:  # noqa: BLE001 - a model without a mapping: compare as written
+        return header
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    if not renamings and not converters:
+        return header
+    meta = model.state_dict()
+    out = dict(header)
+    for key, value in header.items():
+        renamed, _ = rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta)
+        out.setdefault(renamed, value)
+    return out

@@ -21,9 +21,11 @@ from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, LittleBitConfig
 from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
+from ..nn.experts import FUSED_TO_LIST, LittleBitExperts
 from ..nn.layer import LittleBitLinear, littlebit_layers
 from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
 from ..quantize.convert import convert_model_
+from ..quantize.experts import quantize_fused_, recorded_expert_modules, split_model_experts_
 from ..quantize.layers import note_data_free, quantize_layer_, replace_linears
 from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .checkpoint import check_checkpoint_tensors
@@ -51,7 +53,9 @@ class LittleBitQuantizeOp(ConversionOps):
         key, values = next(iter(input_dict.items()))
         weight = values[0] if isinstance(values, list) else values
         full_layer_name = full_layer_name or key
-        module, _ = get_module_from_name(model, full_layer_name)
+        module, tensor_name = get_module_from_name(model, full_layer_name)
+        if isinstance(module, LittleBitExperts):
+            return self._convert_fused(module, tensor_name, weight, full_layer_name, missing_keys)
         layer_name = full_layer_name.removesuffix(".weight")
         try:
             quantize_layer_(module, weight, self.hf_quantizer.quantization_config, layer_name)
@@ -65,6 +69,22 @@ class LittleBitQuantizeOp(ConversionOps):
                 missing_keys.discard(f"{layer_name}.{tensor}")
         module._is_hf_initialized = True
         self.hf_quantizer.advance_progress()
+        return {}
+
+    def _convert_fused(self, module: LittleBitExperts, tensor_name: str, weight: torch.Tensor, full_name: str,
+                       missing_keys: set[str] | None) -> dict[str, torch.Tensor]:
+        """One fused expert tensor of the checkpoint (merged by Transformers' conversion mapping): every expert's
+        matrix packed into its own layer, the fused placeholder dropped."""
+        module_name = full_name.removesuffix("." + tensor_name)
+        names = quantize_fused_(module, tensor_name, weight, self.hf_quantizer.quantization_config, module_name,
+                                self.hf_quantizer.layer_errors)
+        if missing_keys is not None:
+            missing_keys.discard(full_name)
+            for name, layer in zip(names, getattr(module, FUSED_TO_LIST[tensor_name]), strict=True):
+                for tensor in layer.expected_tensors():
+                    missing_keys.discard(f"{name}.{tensor}")
+        for _ in names:
+            self.hf_quantizer.advance_progress()
         return {}
 
 
@@ -114,6 +134,9 @@ class LittleBitHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             note_data_free(cfg)  # quantize-on-load never has calibration data
             cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, default_skips)
+        # Fused MoE experts: one layer per expert, like any Linear; on load the fused tensors still arrive whole.
+        only = recorded_expert_modules(cfg.layer_ranks or {}) if self.pre_quantized else None
+        split_model_experts_(model, cfg.modules_to_not_convert or [], keep_fused=not self.pre_quantized, only=only)
         plans = plan_conversion(model, cfg, cfg.modules_to_not_convert or [], self.pre_quantized)
         if not self.pre_quantized:
             cfg.layer_ranks = {p.name: p.rank for p in plans}
@@ -127,6 +150,8 @@ class LittleBitHfQuantizer(HfQuantizer):
         if self.pre_quantized or self.converts_after_load:
             return False
         module, tensor_name = get_module_from_name(model, param_name)
+        if isinstance(module, LittleBitExperts):
+            return tensor_name in FUSED_TO_LIST
         return isinstance(module, LittleBitLinear) and tensor_name == "weight"
 
     def get_quantize_ops(self) -> LittleBitQuantizeOp:

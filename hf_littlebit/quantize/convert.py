@@ -15,6 +15,7 @@ from transformers.utils import logging
 from ..config import LittleBitConfig
 from ..nn.layer import littlebit_layers
 from .calibration import calibration_tokens, describe_source
+from .experts import split_model_experts_
 from .layers import new_littlebit_layer, note_data_free, quantize_layer_
 from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
@@ -63,6 +64,8 @@ def convert_model_(
         model, None, getattr(model, "_keep_in_fp32_modules", None)
     )
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
+    # Fused MoE experts become one nn.Linear per expert (views, no copy): planned and converted like any Linear.
+    split_model_experts_(model, config.modules_to_not_convert)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
     warn_unconverted(model, plans, config.modules_to_not_convert)
     if config.allocation == "auto":

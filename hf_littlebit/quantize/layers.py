@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..config import LittleBitConfig
 from ..factorize import FactorPath, factorize
+from ..nn.experts import expert_group
 from ..nn.layer import LittleBitLinear
 from .plan import LayerPlan
 
@@ -21,10 +22,14 @@ logger = logging.get_logger(__name__)
 
 
 def replace_linears(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig, with_fp_weight: bool) -> None:
-    """Swap each planned ``nn.Linear`` for an empty ``LittleBitLinear`` on the meta device."""
+    """Swap each planned ``nn.Linear`` for an empty ``LittleBitLinear`` on the meta device.
+
+    Expert layers never get an fp ``weight`` placeholder: the checkpoint holds their fused tensor, which reaches the
+    experts module itself (:func:`hf_littlebit.quantize.experts.quantize_fused_`)."""
     for plan in plans:
         dense = model.get_submodule(plan.name)
-        model.set_submodule(plan.name, new_littlebit_layer(plan, config, dense, "meta", with_fp_weight))
+        placeholder = with_fp_weight and expert_group(plan.name) is None
+        model.set_submodule(plan.name, new_littlebit_layer(plan, config, dense, "meta", placeholder))
 
 
 def layer_seed(seed: int, name: str) -> int:
