@@ -1,4 +1,4 @@
-"""Weights LittleBit cannot convert (fused MoE experts of Transformers 5) are named, not silently left dense."""
+"""Weights LittleBit does not convert (MoE routers, other non-Linear weights) are named, not silently left dense."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ def tiny_moe(path):
 
 
 @pytest.mark.parametrize("way", ["on_load", "in_place"])
-def test_fused_experts_are_named_in_a_warning_and_in_the_summary(tmp_path, caplog, way):
+def test_routers_are_named_in_a_warning_and_in_the_summary_and_experts_are_converted(tmp_path, caplog, way):
+    """Fused experts are packed since issue 21 (tests/test_moe.py); the MoE routers (a bare 2-D ``weight``, not an
+    nn.Linear) still stay dense, and are named instead of silently left out of the reported bpw."""
     path = tiny_moe(tmp_path / "moe")
     with caplog.at_level("WARNING", logger="hf_littlebit"):
         if way == "on_load":
@@ -30,15 +32,14 @@ def test_fused_experts_are_named_in_a_warning_and_in_the_summary(tmp_path, caplo
         else:
             model = hf_littlebit.quantize(AutoModelForCausalLM.from_pretrained(path), LittleBitConfig(bpw=1.0))
     assert "not nn.Linear and stay in full precision" in caplog.text
-    assert "model.layers.0.mlp.experts.gate_up_proj" in caplog.text and "Qwen3MoeExperts" in caplog.text
+    assert "model.layers.0.mlp.gate.weight" in caplog.text and "Qwen3MoeTopKRouter" in caplog.text
+    assert "experts" not in caplog.text.split("Fused MoE experts are converted")[0]
     report = hf_littlebit.summary(model)
-    # the fused experts and the routers (Qwen3MoeTopKRouter holds a bare weight, not an nn.Linear)
-    assert set(report.unconverted) == {f"model.layers.{i}.mlp.{n}" for i in (0, 1)
-                                       for n in ("experts.gate_up_proj", "experts.down_proj", "gate.weight")}
-    dense = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n or ".gate." in n)
+    assert set(report.unconverted) == {f"model.layers.{i}.mlp.gate.weight" for i in (0, 1)}
+    dense = sum(p.numel() for n, p in model.named_parameters() if ".gate." in n)
     total = sum(p.numel() for p in model.parameters())
     assert report.unconverted_share == pytest.approx(dense / total)
-    assert "not converted (dense): 6 weight tensors" in str(report)
+    assert "not converted (dense): 2 weight tensors" in str(report)
 
 
 def test_a_dense_model_reports_nothing_unconverted(fp_checkpoint, caplog):

@@ -10,7 +10,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..format.budget import paper_bpw
-from ..nn.experts import FUSED_TO_LIST, LittleBitExperts
+from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, expert_group
 from ..nn.layer import littlebit_layers
 
 
@@ -28,10 +28,44 @@ class LayerReport:
 
 
 @dataclass
+class ExpertGroupReport:
+    """One projection of one fused experts module (e.g. ``…mlp.experts.gate_up_layers``): E packed layers."""
+
+    name: str
+    experts: int
+    in_features: int
+    out_features: int
+    rank_min: int
+    rank_max: int
+    bpw_true: float  # over the E experts together
+    bytes: int
+
+
+def expert_groups(layers: list[LayerReport]) -> list[ExpertGroupReport]:
+    """The per-expert rows of ``layers`` gathered per experts module and projection, in order of appearance."""
+    groups: dict[str, list[LayerReport]] = {}
+    for r in layers:
+        group = expert_group(r.name)
+        if group is not None:
+            groups.setdefault(group, []).append(r)
+    out = []
+    for name, rows in groups.items():
+        dense = sum(r.in_features * r.out_features for r in rows)
+        out.append(ExpertGroupReport(
+            name=name, experts=len(rows), in_features=rows[0].in_features, out_features=rows[0].out_features,
+            rank_min=min(r.rank for r in rows), rank_max=max(r.rank for r in rows),
+            bpw_true=sum(r.bpw_true * r.in_features * r.out_features for r in rows) / dense,
+            bytes=sum(r.bytes for r in rows),
+        ))
+    return out
+
+
+@dataclass
 class ModelSummary:
     """Printable report; ``to_dict()`` gives the same numbers for JSON."""
 
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[LayerReport] = field(default_factory=list)  # every packed layer, each expert's included
+    experts: list[ExpertGroupReport] = field(default_factory=list)  # the expert layers gathered per module
     converted_params: int = 0  # weights of the dense layers that were replaced
     converted_bytes: int = 0
     bpw_target: float = 0.0
@@ -56,15 +90,28 @@ class ModelSummary:
     def __str__(self) -> str:
         head = f"{'layer':<48} {'shape':>13} {'rank':>5} {'paths':>5} {'target':>7} {'paper':>7} {'true':>7} {'KiB':>9}"
         lines = [head, "-" * len(head)]
+        groups = {g.name: g for g in self.experts}
         for r in self.layers:
-            shape = f"{r.out_features}x{r.in_features}"
-            lines.append(
-                f"{r.name[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
-                f"{r.bpw_paper:>7.3f} {r.bpw_true:>7.3f} {r.bytes / 1024:>9.1f}"
-            )
+            group = expert_group(r.name)
+            if group is None:
+                shape = f"{r.out_features}x{r.in_features}"
+                lines.append(
+                    f"{r.name[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
+                    f"{r.bpw_paper:>7.3f} {r.bpw_true:>7.3f} {r.bytes / 1024:>9.1f}"
+                )
+            elif group in groups:  # one row per experts projection: E x shape, rank range, true bpw of all E
+                g = groups.pop(group)
+                shape = f"{g.experts}x{g.out_features}x{g.in_features}"
+                rank = str(g.rank_min) if g.rank_min == g.rank_max else f"{g.rank_min}-{g.rank_max}"
+                lines.append(
+                    f"{g.name[-48:]:<48} {shape:>13} {rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} {'':>7} "
+                    f"{g.bpw_true:>7.3f} {g.bytes / 1024:>9.1f}"
+                )
         lines.append("-" * len(head))
+        n_experts = sum(g.experts for g in self.experts)
+        label = f"converted layers ({len(self.layers)}" + (f", {n_experts} of them experts)" if n_experts else ")")
         lines.append(
-            f"{'converted layers (' + str(len(self.layers)) + ')':<48} {self.converted_params:>13,} {'':>5} {'':>5} "
+            f"{label:<48} {self.converted_params:>13,} {'':>5} {'':>5} "
             f"{self.bpw_target:>7.3f} {self.bpw_paper:>7.3f} {self.bpw_true:>7.3f} {self.converted_bytes / 1024:>9.1f}"
         )
         ratio = self.model_bytes_fp16 / self.model_bytes if self.model_bytes else float("nan")
@@ -135,6 +182,7 @@ def summary(model: nn.Module) -> ModelSummary:
         packed_ids.update(id(p) for p in layer.parameters())
         report.model_bytes_fp16 += 2 * (dense + (layer.out_features if layer.bias is not None else 0))
         report.model_params += dense + (layer.out_features if layer.bias is not None else 0)
+    report.experts = expert_groups(report.layers)
     if report.converted_params:
         report.bpw_paper = paper_bits / report.converted_params
         report.bpw_true = stored / report.converted_params

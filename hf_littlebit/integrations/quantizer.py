@@ -21,7 +21,7 @@ from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, LittleBitConfig
 from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
-from ..nn.experts import FUSED_TO_LIST, LittleBitExperts
+from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, merge_experts_
 from ..nn.layer import LittleBitLinear, littlebit_layers
 from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
 from ..quantize.convert import convert_model_
@@ -257,7 +257,8 @@ class LittleBitHfQuantizer(HfQuantizer):
         )
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ``."""
+        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ``, and every split
+        experts module by its architecture's fused experts module holding the experts' ``Ŵ``."""
         for name, layer in littlebit_layers(model).items():
             device = layer.h.device
             out_dtype = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
@@ -268,6 +269,9 @@ class LittleBitHfQuantizer(HfQuantizer):
                 if layer.bias is not None:
                     dense.bias.copy_(layer.bias)
             model.set_submodule(name, dense)
+        for module in list(model.modules()):  # split experts: fused Ŵ tensors and the architecture's own class
+            if isinstance(module, LittleBitExperts):
+                merge_experts_(module, lambda layer: layer.weight.detach())
         return model
 
 

@@ -97,8 +97,9 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
 
 
 def warn_unconverted(model: nn.Module, plans: list[LayerPlan], skip: list[str]) -> dict[str, int]:
-    """Say by name which large weights stay dense although nothing asked for it (LittleBit converts ``nn.Linear``
-    only), instead of reporting a bpw that silently covers part of the model. Returns them (name → parameters)."""
+    """Say by name which large weights stay dense although nothing asked for it (LittleBit converts ``nn.Linear`` and
+    fused MoE experts only), instead of reporting a bpw that silently covers part of the model. Returns them
+    (name → parameters)."""
     found = unconverted_weights(model, (p.name for p in plans), skip)
     if found:
         total = sum(p.numel() for p in model.parameters())
@@ -107,9 +108,9 @@ def warn_unconverted(model: nn.Module, plans: list[LayerPlan], skip: list[str]) 
         owner = type(model.get_submodule(first.rpartition(".")[0])).__name__ if "." in first else type(model).__name__
         logger.warning(
             f"LittleBit: {len(found)} weight tensor(s) with {share:.0%} of the model's parameters are not nn.Linear "
-            f"and stay in full precision, e.g. {first} ({owner}). Fused MoE experts and other non-Linear weights are "
-            "not converted by this release; the reported bpw covers the converted layers only "
-            "(hf_littlebit.summary lists what stays dense)."
+            f"and stay in full precision, e.g. {first} ({owner}). Fused MoE experts are converted (one packed layer "
+            "per expert); MoE routers and other non-Linear weights are not, and the reported bpw covers the converted "
+            "layers only (hf_littlebit.summary lists what stays dense)."
         )
     return found
 

@@ -38,6 +38,7 @@ from transformers.utils import logging
 
 from ...config import LittleBitConfig
 from ...errors import ReconstructionError
+from ...nn.experts import EXPERT_LAYER
 from ...nn.layer import LittleBitLinear
 from ..activation_stats import InputSecondMoments
 from ..fisher import CurvatureStats, gradient_second_moments
@@ -51,6 +52,12 @@ from .state import WorkFolder, fingerprint
 from .store import ActivationStore
 
 logger = logging.get_logger(__name__)
+
+
+def first_expert_projection(name: str) -> bool:
+    """An expert's first layer (``gate_up`` / ``up``): its input count is the number of tokens routed to it."""
+    match = EXPERT_LAYER.match(name)
+    return match is not None and match["list"] != "down_layers"
 
 
 class BlockReconstructor:
@@ -205,9 +212,11 @@ class BlockReconstructor:
         t0 = time.perf_counter()
         block = self.blocks[index]
         targets = ActivationStore(self._spill_dir(f"targets_{index}"))
-        # The fp block's pass that makes the targets also measures its layers' input statistics (activation-aware).
-        watched = {p.name: self.model.get_submodule(p.name) for p in self.block_plans(index)} \
-            if self.config.activation_aware else {}
+        # The fp block's pass that makes the targets also measures its layers' input statistics (activation-aware),
+        # and counts the tokens the router sends to each expert (MoE).
+        experts = [p.name for p in self.block_plans(index) if first_expert_projection(p.name)]
+        watched = {p.name: self.model.get_submodule(p.name) for p in self.block_plans(index)
+                   if self.config.activation_aware or p.name in experts}
         fp_targets = self.opts.targets == "fp_inputs"
         with torch.no_grad(), InputSecondMoments(watched) as stats:
             for x in (fp_inputs if fp_targets else inputs):
@@ -235,11 +244,15 @@ class BlockReconstructor:
             fp_inputs.clear()
             fp_inputs = fp_next if fp_next is not None else targets.copy(self._spill_dir(f"fp_inputs_{index + 1}"))
         targets.clear()
-        report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0, delta_before, delta_after)
+        report = BlockReport(index, len(layers), before, after, time.perf_counter() - t0, delta_before, delta_after,
+                             expert_tokens={name: stats.counts.get(name, 0) for name in experts})
         self.result.blocks.append(report)
         self.work.save_block(index, self.blocks[index].state_dict(), next_inputs, fp_inputs, self.result.blocks)
         bar.set_postfix_str(f"block {index}: loss {before:.4g} → {after:.4g}")
         bar.update(1)
         logger.info(f"LittleBit block {index}: {len(layers)} layers, loss {before:.4g} -> {after:.4g} "
                     f"({report.seconds:.1f} s)")
+        if report.experts_without_tokens:
+            logger.warning(f"LittleBit block {index}: {report.experts_without_tokens} of {len(experts)} experts "
+                           "received no calibration token and keep their data-free initialisation")
         return next_inputs, fp_inputs

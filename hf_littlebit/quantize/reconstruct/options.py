@@ -19,6 +19,13 @@ class BlockReport:
     seconds: float
     delta_error_before: float = float("nan")  # ‖y − t‖² / ‖t − x‖²: error relative to the block's own contribution
     delta_error_after: float = float("nan")
+    # MoE: calibration tokens routed to each expert (by its first projection's layer name) in the fp block's pass;
+    # experts that got none keep their data-free initialisation (nothing to fit them to).
+    expert_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def experts_without_tokens(self) -> int:
+        return sum(1 for n in self.expert_tokens.values() if n == 0)
 
 
 @dataclass
@@ -38,9 +45,15 @@ class ReconstructionResult:
     outside_blocks: list[str] = field(default_factory=list)
     end_to_end: EndToEndReport | None = None
 
+    @property
+    def experts_without_tokens(self) -> int:
+        """Experts (all blocks) that no calibration token reached: they keep their data-free initialisation."""
+        return sum(b.experts_without_tokens for b in self.blocks)
+
     def to_dict(self) -> dict:
         return {
             "blocks": [vars(b) for b in self.blocks],
+            "experts_without_tokens": self.experts_without_tokens,
             "resumed_from": self.resumed_from,
             "outside_blocks": self.outside_blocks,
             "end_to_end": vars(self.end_to_end) if self.end_to_end is not None else None,
