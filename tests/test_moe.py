@@ -255,3 +255,20 @@ def test_calibration_routes_tokens_and_reports_idle_experts(moe_checkpoint):
     assert sum(counts.values()) == 4 * 16 * 2  # every token reaches top-2 experts
     assert report.experts_without_tokens == sum(1 for n in counts.values() if n == 0)
     assert all(layer.is_packed for layer in littlebit_layers(model).values())
+
+
+def test_lora_adapters_on_attention_and_routed_expert_layers(moe_checkpoint, ids):
+    """Routed experts are LittleBitLinears, so LoRA wraps them when named. Shared experts' ``gate_proj`` / ``up_proj``
+    / ``down_proj`` cannot be named on these architectures: PEFT (0.19) rewrites those names into a LoRA on the fused
+    ``gate_up_proj`` / ``down_proj`` parameters of the v5 experts, for fp models too. A list of names, because PEFT
+    also resolves regex targets through that rewrite."""
+    peft = pytest.importorskip("peft")
+    packed = AutoModelForCausalLM.from_pretrained(moe_checkpoint("deepseek_v3"), quantization_config=LittleBitConfig())
+    targets = ["q_a_proj", "o_proj", *(f"down_layers.{e}" for e in range(4))]
+    model = peft.get_peft_model(packed, peft.LoraConfig(r=4, target_modules=targets, lora_dropout=0.0))
+    wrapped = [n for n, m in model.named_modules()
+               if hasattr(m, "lora_A") and isinstance(m.base_layer, LittleBitLinear)]
+    assert sum(".experts.down_layers." in n for n in wrapped) == 4 and sum("o_proj" in n for n in wrapped) == 2
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and "down_layers" in n]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
