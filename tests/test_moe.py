@@ -272,3 +272,18 @@ def test_lora_adapters_on_attention_and_routed_expert_layers(moe_checkpoint, ids
     model(input_ids=ids, labels=ids).loss.backward()
     grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n and "down_layers" in n]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_experts_named_in_modules_to_not_convert_stay_fused_and_are_named(moe_checkpoint, ids, tmp_path, caplog):
+    path = moe_checkpoint("qwen3_moe")
+    with caplog.at_level("WARNING", logger="hf_littlebit"):
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=LittleBitConfig(modules_to_not_convert=["lm_head", "experts"]))
+    assert not any(isinstance(m, LittleBitExperts) for m in model.modules())
+    assert "model.layers.0.mlp.experts.gate_up_proj" not in caplog.text  # asked for: not a surprise
+    ranks = model.config.quantization_config.layer_ranks
+    assert ranks and not any("_layers." in n for n in ranks)
+    model.save_pretrained(tmp_path / "q")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert not any(isinstance(m, LittleBitExperts) for m in again.modules())
+    assert torch.equal(logits(again, ids), logits(model, ids))
