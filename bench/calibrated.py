@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -55,14 +56,20 @@ def main() -> None:
     ap.add_argument("--plot", default="bench/results/calibrated.png")
     ap.add_argument("--skip-done", action="store_true", help="keep rows already in --out and skip them")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: more result files to report together")
+    ap.add_argument("--plot-kinds", default=None, help="with --report-only: regex of the row kinds to plot")
     args = ap.parse_args()
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if (args.skip_done or args.report_only) and out.exists() \
         else []
     if args.report_only:
+        for extra in args.merge:
+            seen = {x["name"] for x in rows}
+            rows += [r for r in json.loads(Path(extra).read_text())["rows"] if r["name"] not in seen]
         print(markdown(rows))
         if args.plot:
-            plot(rows, Path(args.plot))
+            shown = [r for r in rows if args.plot_kinds is None or re.search(args.plot_kinds, r["kind"])]
+            plot(shown, Path(args.plot))
         return
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()

@@ -29,7 +29,8 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     assert result["calibrated"] is True and result["calib_samples"] == 4  # corpora available: calibrated
     assert not (tmp_path / "q.work").exists()  # per-block checkpoints are removed once the model is saved
     assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0
-    assert result["method"] == "dbf" and result["allocation"] == "auto"  # the calibrated default
+    assert result["method"] == "lbadmm" and result["allocation"] == "auto"  # the calibrated default (demo recipe)
+    assert result["recipe"] == "demo" and result["sample_prompt"] and isinstance(result["sample_quantized"], str)
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     assert result["checkpoint_bytes"] == weights > 0
@@ -119,14 +120,14 @@ def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
 
 def test_default_auto_allocation_falls_back_to_uniform_when_min_rank_does_not_fit(capsys, tiny_with_tokenizer,
                                                                                   fake_cache, tmp_path):
-    """At 0.1 bpw a tiny model cannot give every layer min_rank under one budget: the calibrated default (dbf +
-    auto) then says so and uses uniform ranks instead of failing; an explicit --allocation auto still fails."""
+    """At 0.1 bpw a tiny model cannot give every layer min_rank under one budget: the calibrated default (lbadmm
+    + auto) then says so and uses uniform ranks instead of failing; an explicit --allocation auto still fails."""
     args = ["--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "0.1", "--json",
             "--calib-samples", "2", "--calib-seqlen", "16", "--steps", "1"]
     code, out, err = run(capsys, *args, "--out", tmp_path / "a")
     assert code == 0, err
     result = json.loads(out)
-    assert result["method"] == "dbf" and result["allocation"] == "uniform" and result["calibrated"] is True
+    assert result["method"] == "lbadmm" and result["allocation"] == "uniform" and result["calibrated"] is True
     code, out, err = run(capsys, *args, "--allocation", "auto", "--out", tmp_path / "b")
     assert code == 2 and "cannot hold even min_rank" in err
 

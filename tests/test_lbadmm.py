@@ -70,3 +70,22 @@ def test_config_defaults_for_lbadmm():
     assert config.residual is False and config.activation_aware is True
     assert config.factorizer_options() == {"n_iter": 40}
     assert LittleBitConfig(method="lbadmm", residual=True).residual is True
+
+
+def test_lbadmm_residual_path_and_data_free_model(caplog):
+    import logging
+
+    import hf_littlebit
+    from hf_littlebit.factorize import relative_error
+
+    from .conftest import make_tiny_model
+
+    w, _, _ = heavy_tailed(64, 96, 4)
+    one = factorize(w, 12, method="lbadmm", residual=False, options={"n_iter": 40})
+    two = factorize(w, 12, method="lbadmm", residual=True, options={"n_iter": 40})
+    assert len(two) == 2 and relative_error(w, two) < relative_error(w, one)
+    # data-free (D = 1): it converts, and says the activation weighting is off
+    caplog.set_level(logging.WARNING)
+    model = hf_littlebit.quantize(make_tiny_model("llama"), LittleBitConfig(bpw=1.0, method="lbadmm",
+                                                                            dbf_iterations=5), progress=False)
+    assert hf_littlebit.summary(model).layers and "factorised unweighted" in caplog.text

@@ -27,8 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--bpw", type=float, default=0.55, help="target bits per weight (default 0.55)")
     q.add_argument("--method", default=None,
                    help="littlebit (Dual-SVID), littlebit2 (Joint-ITQ), dbf (Double Binary Factorization) or lbadmm "
-                        "(NanoQuant's latent-binary ADMM); default: "
-                        "dbf when calibrating (16-19x lower perplexity than littlebit on SmolLM2 at 0.55-1.0 bpw), "
+                        "(NanoQuant's latent-binary ADMM); default: the recipe's when calibrating (demo: lbadmm), "
                         "littlebit data-free (seconds instead of minutes, and no worse without data)")
     q.add_argument("--itq-iterations", type=int, default=50, help="Joint-ITQ iterations of littlebit2")
     q.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,

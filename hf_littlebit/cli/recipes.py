@@ -28,9 +28,9 @@ class Recipe:
 
 RECIPES: tuple[Recipe, ...] = (
     Recipe("demo", 10.0, {
-        "method": "dbf", "dbf_iterations": 30, "calibration_samples": 32, "calibration_seqlen": 256,
-        "calibration_steps": 30, "calibration_e2e_steps": 20,
-    }, "perplexity 2,011 at 0.55 bpw (fp 20.4)"),
+        "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 32, "calibration_seqlen": 256,
+        "calibration_steps": 30, "calibration_mitigation_steps": 4, "calibration_e2e_steps": 20,
+    }, "perplexity 932 at 0.55 bpw (fp 20.4)"),
     Recipe("standard", 28.0, {
         "method": "dbf", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
         "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2, "calibration_e2e_steps": 30,
