@@ -2,12 +2,15 @@
 
 usage: python bench/calibrated.py [--bpw 1.0 0.55 0.3 0.1] [--methods littlebit littlebit2]
                                   [--samples 32] [--seqlen 256] [--steps 30] [--hqq-bits 2 3 4]
+                                  [--gptq-bits 2 3] [--gptq-group 128]
                                   [--max-tokens 8192] [--out bench/results/calibrated.json]
                                   [--plot bench/results/calibrated.png] [--report-only] [--skip-done]
                                   [--no-data-free] [--set FIELD=VALUE ...] [--tag SUFFIX]
 
 Every row is measured in this run on the same first ``--max-tokens`` tokens of the test split (2048-token windows):
-the fp model, HQQ at 2/3/4 bits (group 64), and for each bpw × method the data-free model and the calibrated one
+the fp model, HQQ at 2/3/4 bits (group 64), GPTQ (``bench/gptq.py``, calibrated on the same ``--samples`` ×
+``--seqlen`` training tokens as the LittleBit rows), and for each bpw × method the data-free model and the calibrated
+one
 (``hf_littlebit.quantize(model, config, calibration=<training split>)``). Rows are appended to the JSON as they
 come, so an interrupted run keeps what it measured; ``--skip-done`` skips rows already in the file.
 """
@@ -17,10 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
 import torch
+from gptq import gptq_
 from sweep import hqq_, linear_layers, simulate
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
@@ -28,16 +33,19 @@ from transformers.utils import logging as hf_logging
 import hf_littlebit
 from hf_littlebit.assets import ensure_assets
 from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
+from hf_littlebit.quantize.calibration import calibration_tokens
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55, 0.3, 0.1])
-    ap.add_argument("--methods", nargs="+", default=["littlebit", "littlebit2"])
+    ap.add_argument("--bpw", type=float, nargs="*", default=[1.0, 0.55, 0.3, 0.1])
+    ap.add_argument("--methods", nargs="*", default=["littlebit", "littlebit2"])
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=256)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--hqq-bits", type=int, nargs="*", default=[2, 3, 4])
+    ap.add_argument("--gptq-bits", type=int, nargs="*", default=[])
+    ap.add_argument("--gptq-group", type=int, default=128)
     ap.add_argument("--no-data-free", action="store_true", help="only the calibrated rows")
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="LittleBitConfig fields of the new rows (JSON values): calibration_tune_norms=true")
@@ -48,14 +56,20 @@ def main() -> None:
     ap.add_argument("--plot", default="bench/results/calibrated.png")
     ap.add_argument("--skip-done", action="store_true", help="keep rows already in --out and skip them")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: more result files to report together")
+    ap.add_argument("--plot-kinds", default=None, help="with --report-only: regex of the row kinds to plot")
     args = ap.parse_args()
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if (args.skip_done or args.report_only) and out.exists() \
         else []
     if args.report_only:
+        for extra in args.merge:
+            seen = {x["name"] for x in rows}
+            rows += [r for r in json.loads(Path(extra).read_text())["rows"] if r["name"] not in seen]
         print(markdown(rows))
         if args.plot:
-            plot(rows, Path(args.plot))
+            shown = [r for r in rows if args.plot_kinds is None or re.search(args.plot_kinds, r["kind"])]
+            plot(shown, Path(args.plot))
         return
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()
@@ -95,6 +109,18 @@ def main() -> None:
         t = time.perf_counter()
         bits, n = simulate(model, lambda w, _n=nbits: hqq_(w, _n))
         record(name, name, float(nbits), model, bits, n, time.perf_counter() - t)
+        del model
+    for nbits in args.gptq_bits:
+        name = f"gptq-{nbits}bit-g{args.gptq_group}-{args.samples}x{args.seqlen}"
+        if name in done:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(path)
+        tokens = calibration_tokens(train, tok, args.samples, args.seqlen, seed=0,
+                                    vocab_size=model.config.vocab_size)
+        t = time.perf_counter()
+        bits, n = gptq_(model, tokens, nbits, args.gptq_group)
+        record(name, f"gptq-{nbits}bit g{args.gptq_group}", float(nbits), model, bits, n, time.perf_counter() - t,
+               {"samples": args.samples, "seqlen": args.seqlen})
         del model
     for bpw in args.bpw:
         for method in args.methods:
@@ -153,7 +179,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if kind.startswith("fp32"):
             ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"fp model ({pts[0][1]:.1f})")
             continue
-        style = "s" if kind.startswith("hqq") else ("o" if "calibrated" in kind else "x")
+        style = "s" if kind.startswith(("hqq", "gptq")) else ("o" if "calibrated" in kind else "x")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=style, ls="-" if len(pts) > 1 else "",
                 label=kind)
     ax.set_xscale("log")

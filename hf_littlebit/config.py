@@ -16,7 +16,9 @@ QUANT_METHOD = "littlebit"
 FORMAT_VERSION = 1
 
 # Methods whose factoriser exists; the others are reserved names that a later release fills in.
-AVAILABLE_METHODS = ("littlebit", "littlebit2", "dbf")
+AVAILABLE_METHODS = ("littlebit", "littlebit2", "dbf", "lbadmm")
+# Methods whose signs come out of an ADMM solve: one path by default, activation-aware, ``dbf_iterations`` iterations.
+ADMM_METHODS = ("dbf", "lbadmm")
 PLANNED_METHODS: tuple[str, ...] = ()
 
 ALLOCATIONS = ("uniform", "auto")
@@ -45,10 +47,13 @@ class LittleBitConfig(QuantizationConfigMixin):
         bpw: target bits per weight of every converted ``nn.Linear`` (0 < bpw ≤ 16). The rank of each layer follows
             from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
         method: how the binary factors are found: ``"littlebit"`` (Dual-SVID), ``"littlebit2"`` (Internal Latent
-            Rotation with Joint-ITQ, then Dual-SVID) or ``"dbf"`` (Double Binary Factorization: signs optimised
-            by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.format.budget.dbf_rank`). Same stored format.
+            Rotation with Joint-ITQ, then Dual-SVID), ``"dbf"`` (Double Binary Factorization: signs optimised
+            by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.format.budget.dbf_rank`) or ``"lbadmm"``
+            (NanoQuant's latent-binary ADMM: both factors under a rising penalty, latents seeded from the continuous
+            ADMM variables; :mod:`hf_littlebit.factorize.lbadmm`). Same stored format.
         residual: add a second binary path fitted to the first path's error (the budget is split between both).
-            ``None`` (default): the method's own choice, on for ``"littlebit"``/``"littlebit2"``, off for ``"dbf"``.
+            ``None`` (default): the method's own choice, on for ``"littlebit"``/``"littlebit2"``, off for the ADMM
+            methods ``"dbf"`` and ``"lbadmm"``.
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
             Embeddings and norms are never converted (they are not ``nn.Linear``).
@@ -60,10 +65,12 @@ class LittleBitConfig(QuantizationConfigMixin):
         min_rank: floor of the rank (layers too small for the target get this rank and a warning).
         seed: seed of every random choice (per layer it is mixed with the layer name).
         itq_iterations: Joint-ITQ iterations of ``"littlebit2"`` (default 50; most of the gain comes in the first 10).
-        dbf_iterations: outer alternations of ``"dbf"`` (default 100; the authors use 260, little changes after 100).
+        dbf_iterations: outer alternations of ``"dbf"`` (default 100; the authors use 260, little changes after 100),
+            and the iterations of ``"lbadmm"`` (one ADMM step per factor each; NanoQuant uses 400).
         activation_aware: weight each layer's factorisation by the mean squared input activation of its channels,
             measured on the calibration data (needs ``calibration``); the fit then minimises the layer's output error
-            instead of its weight error. ``None`` (default): on for ``"dbf"`` (its published recipe), off otherwise.
+            instead of its weight error. ``None`` (default): on for ``"dbf"`` and ``"lbadmm"`` (their published
+            recipes), off otherwise. Without data ``"lbadmm"`` runs unweighted (D = 1), a weaker fit.
         scale_dtype: storage dtype of the scale vectors h, l, g: ``"float16"`` (default), ``"bfloat16"``,
             ``"float32"``.
         calibration: calibration data for block-wise reconstruction (:mod:`hf_littlebit.quantize.reconstruct`):
@@ -90,6 +97,12 @@ class LittleBitConfig(QuantizationConfigMixin):
             block's statistic (``Σ_c w_c (y − t)_c² / Σ_c w_c t_c²`` per token). One extra forward and backward pass
             of the fp model over the calibration set.
         calibration_fisher_shrinkage: γ of that shrinkage, ``h ← (1 − γ) h + γ mean(h)`` (0.4).
+        calibration_mitigation_steps: error-propagation mitigation (NanoQuant): the Linears of a block are then
+            factorised one at a time, and before each one the block's still-dense Linear weights get this many Adam
+            steps on the block loss, so each layer is factorised from a weight that already absorbs the error of
+            the quantized prefix and of the block's earlier layers (0, default: off; all layers of a block are
+            factorised at once from their original weights). Costs ``steps × layers per block`` extra block passes.
+        calibration_mitigation_lr: Adam learning rate of those steps, relative to each weight's RMS.
         calibration_targets: what each block is fitted to: the fp model's activations after that block
             (``"fp_inputs"``, default: the block also learns to undo the error accumulated before it) or the fp
             block's outputs on the quantized prefix's outputs (``"quantized_inputs"``). On SmolLM2 at 1.0 bpw the
@@ -150,6 +163,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_loss: str = "token_normalized",
         calibration_fisher: bool = False,
         calibration_fisher_shrinkage: float = 0.4,
+        calibration_mitigation_steps: int = 0,
+        calibration_mitigation_lr: float = 1e-2,
         calibration_targets: str = "fp_inputs",
         calibration_e2e_steps: int = 0,
         calibration_e2e_lr: float = 1e-2,
@@ -188,6 +203,8 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.calibration_loss = calibration_loss
         self.calibration_fisher = calibration_fisher
         self.calibration_fisher_shrinkage = calibration_fisher_shrinkage
+        self.calibration_mitigation_steps = calibration_mitigation_steps
+        self.calibration_mitigation_lr = calibration_mitigation_lr
         self.calibration_targets = calibration_targets
         self.calibration_e2e_steps = calibration_e2e_steps
         self.calibration_e2e_lr = calibration_e2e_lr
@@ -218,9 +235,9 @@ class LittleBitConfig(QuantizationConfigMixin):
                 f"LittleBitConfig: unknown method {self.method!r}; choose one of {list(AVAILABLE_METHODS)}"
             )
         if self.residual is None:
-            self.residual = self.method != "dbf"
+            self.residual = self.method not in ADMM_METHODS
         if self.activation_aware is None:
-            self.activation_aware = self.method == "dbf"
+            self.activation_aware = self.method in ADMM_METHODS
         if not isinstance(self.activation_aware, bool):
             raise ValueError(f"LittleBitConfig: activation_aware must be True, False or None, got "
                              f"{self.activation_aware!r}")
@@ -261,7 +278,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive integer, got {value!r}")
-        for name in ("calibration_steps", "calibration_e2e_steps"):
+        for name in ("calibration_steps", "calibration_e2e_steps", "calibration_mitigation_steps"):
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 raise ValueError(f"LittleBitConfig: {name} must be a non-negative integer, got {value!r}")
@@ -269,7 +286,8 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: calibration_offload_gib must be a number ≥ 0, got {self.calibration_offload_gib!r}"
             )
-        for name in ("calibration_lr", "calibration_scale_lr", "calibration_e2e_lr", "smoothsign_alpha"):
+        for name in ("calibration_lr", "calibration_scale_lr", "calibration_e2e_lr", "calibration_mitigation_lr",
+                     "smoothsign_alpha"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive number, got {value!r}")
@@ -327,7 +345,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         """Method-specific keyword arguments for the factoriser."""
         if self.method == "littlebit2":
             return {"n_iter": self.itq_iterations}
-        if self.method == "dbf":
+        if self.method in ADMM_METHODS:
             return {"n_iter": self.dbf_iterations}
         return {}
 

@@ -29,7 +29,8 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     assert result["calibrated"] is True and result["calib_samples"] == 4  # corpora available: calibrated
     assert not (tmp_path / "q.work").exists()  # per-block checkpoints are removed once the model is saved
     assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0
-    assert result["method"] == "dbf" and result["allocation"] == "auto"  # the calibrated default
+    assert result["method"] == "lbadmm" and result["allocation"] == "auto"  # the calibrated default (demo recipe)
+    assert result["recipe"] == "demo" and result["sample_prompt"] and isinstance(result["sample_quantized"], str)
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     assert result["checkpoint_bytes"] == weights > 0
@@ -119,13 +120,36 @@ def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
 
 def test_default_auto_allocation_falls_back_to_uniform_when_min_rank_does_not_fit(capsys, tiny_with_tokenizer,
                                                                                   fake_cache, tmp_path):
-    """At 0.1 bpw a tiny model cannot give every layer min_rank under one budget: the calibrated default (dbf +
-    auto) then says so and uses uniform ranks instead of failing; an explicit --allocation auto still fails."""
+    """At 0.1 bpw a tiny model cannot give every layer min_rank under one budget: the calibrated default (lbadmm
+    + auto) then says so and uses uniform ranks instead of failing; an explicit --allocation auto still fails."""
     args = ["--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "0.1", "--json",
             "--calib-samples", "2", "--calib-seqlen", "16", "--steps", "1"]
     code, out, err = run(capsys, *args, "--out", tmp_path / "a")
     assert code == 0, err
     result = json.loads(out)
-    assert result["method"] == "dbf" and result["allocation"] == "uniform" and result["calibrated"] is True
+    assert result["method"] == "lbadmm" and result["allocation"] == "uniform" and result["calibrated"] is True
     code, out, err = run(capsys, *args, "--allocation", "auto", "--out", tmp_path / "b")
     assert code == 2 and "cannot hold even min_rank" in err
+
+
+def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer, fake_cache, tmp_path):
+    from hf_littlebit.cli.recipes import RECIPES, recipe_for_budget
+
+    out_dir = tmp_path / "b"
+    code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0",
+                         "--json", "--out", out_dir, "--budget-minutes", "60", "--calib-samples", "4",
+                         "--calib-seqlen", "16", "--steps", "2", "--e2e-steps", "0")
+    assert code == 0, err
+    result = json.loads(out)
+    # a tiny model: every recipe fits; the longest wins, its own fields stay where no flag overrides them
+    longest = max(RECIPES, key=lambda r: r.minutes)
+    assert result["recipe"] == longest.name and result["calib_samples"] == 4 and result["steps_per_block"] == 2
+    saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
+    assert saved["calibration_lr"] == longest.fields.get("calibration_lr", saved["calibration_lr"])
+    # scaled to a model 100× SmolLM2's size, a 30-minute budget fits no recipe: a clear error, not a silent choice
+    with pytest.raises(ValueError, match="below the shortest recipe"):
+        recipe_for_budget(30, 100 * 134_515_008)
+    assert recipe_for_budget(10_000, 134_515_008).name == longest.name
+    with pytest.raises(SystemExit):  # argparse: a budget and a named recipe exclude each other
+        run(capsys, "quantize", tiny_with_tokenizer, "--budget-minutes", "5", "--recipe", "demo")
+    assert "not allowed with argument" in capsys.readouterr().err

@@ -61,8 +61,13 @@ def test_output_importance_weights_the_fit_toward_important_rows():
     plain = factorize(w, 16, method="dbf", residual=False, seed=0)
     aware = factorize(w, 16, method="dbf", residual=False, seed=0, output_importance=importance)
     assert weighted_error(aware) < 0.9 * weighted_error(plain)
-    uniform = factorize(w, 16, method="dbf", residual=False, seed=0, output_importance=torch.full((48,), 3.0))
-    assert relative_error(w, uniform) == pytest.approx(relative_error(w, plain), rel=1e-3)
+    # a uniform importance changes nothing (few iterations: over 100, DBF's sign flips amplify rounding differences
+    # into a different local optimum of the same quality)
+    short = {"n_iter": 5}
+    uniform = factorize(w, 16, method="dbf", residual=False, seed=0, output_importance=torch.full((48,), 3.0),
+                        options=short)
+    assert relative_error(w, uniform) == pytest.approx(
+        relative_error(w, factorize(w, 16, method="dbf", residual=False, seed=0, options=short)), rel=1e-4)
     with pytest.raises(ValueError, match="output_importance has 5 entries"):
         factorize(w, 16, output_importance=torch.ones(5))
 

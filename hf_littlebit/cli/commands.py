@@ -59,13 +59,27 @@ def calibration_text(args: argparse.Namespace) -> str | None:
         return None
 
 
+SAMPLE_PROMPT = "The capital of France is"
+SAMPLE_TOKENS = 12
+
+
 def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Perplexity on the test text, and the greedy continuation of :data:`SAMPLE_PROMPT` (perplexity alone does not
+    show a model that repeats one word)."""
+    import torch
+
     from ..eval.perplexity import perplexity
 
     t = time.perf_counter()
     res = perplexity(model, tokenizer, text, seqlen=args.seqlen, max_tokens=args.max_tokens or None,
                      batch_size=args.batch_size, progress=not args.quiet)
-    return {**res.to_dict(), "seconds": time.perf_counter() - t}
+    seconds = time.perf_counter() - t
+    ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    sample = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return {**res.to_dict(), "seconds": seconds, "sample": sample}
 
 
 def auto_allocation_fits(path: str, config) -> bool:
@@ -93,27 +107,52 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
 
 
+def chosen_recipe(args: argparse.Namespace, path: str):
+    """The recipe named by ``--recipe``, picked by ``--budget-minutes``, or the default."""
+    from .recipes import DEFAULT_RECIPE, count_parameters, recipe_for_budget, recipe_named
+
+    if args.budget_minutes is None:
+        return recipe_named(args.recipe or DEFAULT_RECIPE)
+    params = count_parameters(path)
+    if params is None:
+        raise CLIError(f"--budget-minutes needs a local folder with safetensors weights to size {path!r}; "
+                       "use --recipe instead")
+    try:
+        return recipe_for_budget(args.budget_minutes, params)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+
+
 def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..config import LittleBitConfig
+    from ..config import ADMM_METHODS, LittleBitConfig
     from ..eval.summary import summary
     from ..integrations.hub import save_pretrained
     from ..integrations.in_place import quantize
 
-    def make_config(method: str, allocation: str) -> LittleBitConfig:
-        return LittleBitConfig(bpw=args.bpw, method=method, residual=args.residual, seed=args.seed,
-                               dbf_iterations=args.dbf_iterations, allocation=allocation,
-                               itq_iterations=args.itq_iterations, calibration_samples=args.calib_samples,
-                               calibration_seqlen=args.calib_seqlen, calibration_steps=args.steps,
-                               calibration_e2e_steps=args.e2e_steps, calibration_fisher=args.fisher)
+    # flag → LittleBitConfig field; a flag left unset takes the recipe's value
+    flags = {"method": "method", "dbf_iterations": "dbf_iterations", "calib_samples": "calibration_samples",
+             "calib_seqlen": "calibration_seqlen", "steps": "calibration_steps", "e2e_steps": "calibration_e2e_steps",
+             "fisher": "calibration_fisher", "mitigation_steps": "calibration_mitigation_steps"}
+    explicit = {name: getattr(args, flag) for flag, name in flags.items() if getattr(args, flag) is not None}
 
-    make_config(args.method or "littlebit", args.allocation or "uniform")  # bad arguments fail before any work
+    def make_config(fields: dict[str, Any], allocation: str) -> LittleBitConfig:
+        return LittleBitConfig(bpw=args.bpw, residual=args.residual, seed=args.seed, allocation=allocation,
+                               itq_iterations=args.itq_iterations, **fields)
+
+    make_config(explicit, args.allocation or "uniform")  # bad arguments fail before any work
     path = resolve_model(args.model, args.cache_dir)
     calibration = calibration_text(args)
-    args.method = args.method or ("dbf" if calibration is not None else "littlebit")
-    config = make_config(args.method, args.allocation or ("auto" if args.method == "dbf" else "uniform"))
+    if calibration is None:  # data-free: no recipe; Dual-SVID unless asked otherwise
+        fields = {"method": "littlebit", "dbf_iterations": 30, **explicit}
+        recipe = None
+    else:
+        recipe = chosen_recipe(args, path)
+        fields = {**recipe.fields, **explicit}
+    args.method = fields["method"]
+    config = make_config(fields, args.allocation or ("auto" if args.method in ADMM_METHODS else "uniform"))
     dtype = getattr(torch, args.dtype)
     label = Path(path).name if Path(path).is_dir() else path.replace("/", "--")
     out = Path(args.out or Path("littlebit-out") / f"{label}-{args.bpw:g}bpw")
@@ -121,6 +160,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                               "method": args.method, "allocation": config.allocation, "residual": config.residual,
                               "bpw_target": args.bpw,
                               "calibrated": calibration is not None}
+    if recipe is not None:
+        result["recipe"] = recipe.name
     text = tokenizer = None
     if args.eval:
         text, tokenizer = test_text(args.cache_dir), load_tokenizer(path)
@@ -134,7 +175,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
             f"bpw={args.bpw:g} cannot give every layer min_rank={config.min_rank} under one model-wide budget; "
             "using allocation='uniform' (small layers then store more than the target)"
         )
-        config = make_config(args.method, "uniform")
+        config = make_config(fields, "uniform")
         result["allocation"] = "uniform"
     t = time.perf_counter()
     if calibration is None:
@@ -174,7 +215,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         q_eval = measure(model, tokenizer, text, args)
         result.update(ppl_fp=fp_eval["ppl"], ppl_quantized=q_eval["ppl"], eval_tokens=q_eval["tokens"],
                       eval_seqlen=q_eval["seqlen"], seconds_eval_fp=fp_eval["seconds"],
-                      seconds_eval_quantized=q_eval["seconds"])
+                      seconds_eval_quantized=q_eval["seconds"], sample_prompt=SAMPLE_PROMPT,
+                      sample_fp=fp_eval["sample"], sample_quantized=q_eval["sample"])
     return result
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .recipes import DEFAULT_RECIPE, RECIPES
+
 DEFAULT_MAX_TOKENS = 8192
 
 
@@ -24,8 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("model", nargs="?", default=None, help="folder or Hub id (default: bundled SmolLM2-135M)")
     q.add_argument("--bpw", type=float, default=0.55, help="target bits per weight (default 0.55)")
     q.add_argument("--method", default=None,
-                   help="littlebit (Dual-SVID), littlebit2 (Joint-ITQ) or dbf (Double Binary Factorization); default: "
-                        "dbf when calibrating (16-19x lower perplexity than littlebit on SmolLM2 at 0.55-1.0 bpw), "
+                   help="littlebit (Dual-SVID), littlebit2 (Joint-ITQ), dbf (Double Binary Factorization) or lbadmm "
+                        "(NanoQuant's latent-binary ADMM); default: the recipe's when calibrating (demo: lbadmm), "
                         "littlebit data-free (seconds instead of minutes, and no worse without data)")
     q.add_argument("--itq-iterations", type=int, default=50, help="Joint-ITQ iterations of littlebit2")
     q.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
@@ -34,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--allocation", default=None, choices=["uniform", "auto"],
                    help="same bpw in every layer, or one model-wide budget spread by each layer's spectrum; "
                         "default: auto for dbf (its own rank rule overshoots the target by ~10%%), else uniform")
-    q.add_argument("--dbf-iterations", type=int, default=30,
-                   help="outer ADMM alternations of dbf (default 30 for a CPU; the library default is 100)")
+    q.add_argument("--dbf-iterations", type=int, default=None,
+                   help="outer ADMM alternations of dbf, iterations of lbadmm (default: the recipe's, 30 for a CPU; "
+                        "the library default is 100)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -45,16 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
                      help="block-wise reconstruction on the training split (default when the corpora are available)")
     cal.add_argument("--no-calibrate", dest="calibrate", action="store_false", help="data-free quantization")
-    q.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    q.add_argument("--calib-seqlen", type=int, default=256, help="tokens per calibration sequence (default 256)")
-    q.add_argument("--steps", type=int, default=30,
-                   help="optimiser steps per transformer block (default 30: minutes on a CPU; more is better)")
-    q.add_argument("--fisher", action="store_true",
+    recipes = ", ".join(f"{r.name} (~{r.minutes:g} min: {r.measured})" for r in RECIPES)
+    budget = q.add_mutually_exclusive_group()
+    budget.add_argument("--recipe", choices=[r.name for r in RECIPES], default=None,
+                        help=f"calibration recipe (default {DEFAULT_RECIPE}); measured on SmolLM2-135M, 2 CPU cores: "
+                             f"{recipes}. Flags below override single settings")
+    budget.add_argument("--budget-minutes", type=float, default=None,
+                        help="pick the best recipe that fits this many minutes of quantization (scaled by the "
+                             "model's parameter count from the SmolLM2 measurements)")
+    q.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (recipe: 32 or 128)")
+    q.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration sequence (recipe: 256)")
+    q.add_argument("--steps", type=int, default=None,
+                   help="optimiser steps per transformer block (recipe: 30 or 100; more is better)")
+    q.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the fp model's output-gradient Fisher diagonal first and use it to precondition "
                         "each factorisation and to weight the block loss (one extra forward/backward pass)")
-    q.add_argument("--e2e-steps", type=int, default=20,
+    q.add_argument("--mitigation-steps", type=int, default=None,
+                   help="error-propagation mitigation: factorise a block's layers one at a time, each after this many "
+                        "Adam steps on the block's still-dense weights (0: off)")
+    q.add_argument("--e2e-steps", type=int, default=None,
                    help="steps of the end-to-end phase after the block-wise pass (scales tuned on the fp model's "
-                        "next-token distribution; default 20: ~3 minutes on a CPU, 0 skips it)")
+                        "next-token distribution; recipe: 20 or 30, 0 skips it)")
     q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)

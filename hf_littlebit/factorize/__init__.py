@@ -19,6 +19,7 @@ from .base import FactorPath, binary_sign, relative_error
 from .dbf import dbf
 from .dual_svid import dual_svid
 from .joint_itq import joint_itq
+from .lbadmm import lb_admm
 
 # (weight, rank, generator, **method options) -> one path
 Factorizer = Callable[..., FactorPath]
@@ -27,6 +28,7 @@ FACTORIZERS: dict[str, Factorizer] = {
     "littlebit": dual_svid,
     "littlebit2": joint_itq,
     "dbf": dbf,
+    "lbadmm": lb_admm,
 }
 
 __all__ = ["FACTORIZERS", "FactorPath", "binary_sign", "factorize", "relative_error"]

@@ -55,16 +55,45 @@ def optimise_block(
     """Adam on latents and scales (and norms) of one block for ``opts.steps`` minibatch steps, cosine schedule, on
     :func:`block_loss` (channels weighted by ``weight`` when given)."""
     norms = norm_params(block) if opts.tune_norms else []
-    for p in norms:
+    fit_block_(block, relative_lr_groups(layers, norms, opts), norms, inputs, targets, kwargs, opts.steps, opts.loss,
+               seed, device, weight)
+
+
+def mitigate_block(
+    block: nn.Module, dense: list[nn.Linear], inputs: ActivationStore, targets: ActivationStore, kwargs: dict,
+    opts: ReconstructionOptions, seed: int, device: torch.device, weight: torch.Tensor | None = None,
+) -> None:
+    """Error-propagation mitigation: Adam on the still-dense ``nn.Linear`` weights (and biases) of the block for
+    ``opts.mitigation_steps`` steps on :func:`block_loss`, so they absorb the error that the quantized prefix and the
+    block's already-factorised layers introduce — the next layer is then factorised from its *mitigated* weight.
+    Learning rates are relative to each weight's RMS (``opts.mitigation_lr``)."""
+    params = [p for layer in dense for p in layer.parameters(recurse=False)]
+    groups = [{"params": [p], "lr": opts.mitigation_lr * (p.detach().pow(2).mean().sqrt().item() or 1.0)}
+              for p in params]
+    fit_block_(block, groups, params, inputs, targets, kwargs, opts.mitigation_steps, opts.loss, seed, device, weight)
+
+
+def fit_block_(
+    block: nn.Module, groups: list[dict], unfrozen: list[nn.Parameter], inputs: ActivationStore,
+    targets: ActivationStore, kwargs: dict, steps: int, loss_kind: str, seed: int, device: torch.device,
+    weight: torch.Tensor | None,
+) -> None:
+    """``steps`` Adam steps (cosine schedule, seeded minibatch order) on the parameters of ``groups``; ``unfrozen``
+    are switched to ``requires_grad`` for the fit and back to frozen after it."""
+    if steps <= 0 or not groups:
+        return
+    for p in unfrozen:
         p.requires_grad_(True)
-    optimizer = adam_optimizer(relative_lr_groups(layers, norms, opts))
-    with torch.enable_grad():
-        for step, i in enumerate(minibatch_indices(len(inputs), opts.steps, seed)):
-            cosine_lr_(optimizer, step, opts.steps)
-            y = block_output(block, inputs[i].to(device), kwargs)
-            loss = block_loss(y, targets[i].to(device), opts.loss, weight)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-    for p in norms:
-        p.requires_grad_(False)
+    optimizer = adam_optimizer(groups)
+    try:
+        with torch.enable_grad():
+            for step, i in enumerate(minibatch_indices(len(inputs), steps, seed)):
+                cosine_lr_(optimizer, step, steps)
+                y = block_output(block, inputs[i].to(device), kwargs)
+                loss = block_loss(y, targets[i].to(device), loss_kind, weight)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        for p in unfrozen:
+            p.requires_grad_(False)

@@ -8,7 +8,10 @@ For block ``i`` (in order):
    full-precision block's outputs on the same ``X`` (``targets="quantized_inputs"``);
 2. each convertible ``nn.Linear`` of the block is factorised with the configured method and replaced by a
    :class:`~hf_littlebit.nn.layer.LittleBitLinear` in trainable mode (latent factors, signs through a straight-through
-   estimator, fp32 scales);
+   estimator, fp32 scales). With error-propagation mitigation (``mitigation_steps``) the layers go one at a time,
+   in the block's order: before each factorisation the block's still-dense weights are tuned on the block loss
+   (:func:`~.block_fit.mitigate_block`), so the layer is factorised from a weight that already absorbs the error of
+   the quantized prefix and of the block's layers factorised before it;
 3. latents, scales (and optionally the block's norms) are optimised with Adam to minimise the block-output error
    (per-token normalised MSE by default), on minibatches of the calibration set;
 4. the layers are packed (the fp weights are gone from the model), the block's outputs on ``X`` become the next
@@ -30,6 +33,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +48,7 @@ from ..activation_stats import InputSecondMoments
 from ..fisher import CurvatureStats, gradient_second_moments
 from ..layers import factorize_for_layer, new_littlebit_layer
 from ..plan import LayerPlan
-from .block_fit import evaluate_block, optimise_block
+from .block_fit import evaluate_block, mitigate_block, optimise_block
 from .capture import block_output, capture_block_inputs, find_blocks
 from .end_to_end import tune_end_to_end
 from .options import BlockReport, ReconstructionOptions, ReconstructionResult
@@ -58,6 +62,16 @@ def first_expert_projection(name: str) -> bool:
     """An expert's first layer (``gate_up`` / ``up``): its input count is the number of tokens routed to it."""
     match = EXPERT_LAYER.match(name)
     return match is not None and match["list"] != "down_layers"
+
+
+@dataclass
+class MitigationData:
+    """What a mitigation phase fits on: the block's stored inputs, its targets, call arguments and channel weights."""
+
+    inputs: ActivationStore
+    targets: ActivationStore
+    kwargs: dict
+    weight: torch.Tensor | None
 
 
 class BlockReconstructor:
@@ -110,10 +124,19 @@ class BlockReconstructor:
         return self._tmp_root / name
 
     def _convert_block(self, index: int, trainable: bool,
-                       importance: dict[str, torch.Tensor] | None = None) -> list[LittleBitLinear]:
+                       importance: dict[str, torch.Tensor] | None = None,
+                       mitigate: MitigationData | None = None) -> list[LittleBitLinear]:
+        """Replace the block's planned Linears by LittleBit layers, in order; trainable ones are factorised from the
+        dense weight, each after a mitigation phase when ``mitigate`` carries the block's data."""
+        plans = self.block_plans(index)
         layers = []
-        for plan in self.block_plans(index):
+        for j, plan in enumerate(plans):
             dense = self.model.get_submodule(plan.name)
+            if trainable and mitigate is not None:
+                rest = [self.model.get_submodule(p.name) for p in plans[j:]]
+                mitigate_block(self.blocks[index], rest, mitigate.inputs, mitigate.targets, mitigate.kwargs,
+                               self.opts, seed=(self.config.seed * 1_000_003 + index) * 64 + j, device=self.device,
+                               weight=mitigate.weight)
             layer = new_littlebit_layer(plan, self.config, dense, device=self.device)
             if trainable:
                 paths = factorize_for_layer(dense.weight, plan, self.config,
@@ -227,8 +250,9 @@ class BlockReconstructor:
             with torch.no_grad():
                 for x in fp_inputs:
                     fp_next.append(block_output(block, x.to(self.device), kwargs))
-        layers = self._convert_block(index, trainable=True, importance=stats.mean())
         weight = self.curvature.block_out[index] if self.curvature is not None else None  # Fisher-weighted loss
+        mitigate = MitigationData(inputs, targets, kwargs, weight) if self.opts.mitigation_steps > 0 else None
+        layers = self._convert_block(index, trainable=True, importance=stats.mean(), mitigate=mitigate)
         before, delta_before = evaluate_block(block, inputs, targets, kwargs, self.opts.loss, self.device,
                                               weight=weight)
         if layers and self.opts.steps > 0:

@@ -79,6 +79,8 @@ class ReconstructionOptions:
     e2e_lr: float = 1e-2
     fisher: bool = False
     fisher_shrinkage: float = 0.4
+    mitigation_steps: int = 0
+    mitigation_lr: float = 1e-2
 
     @property
     def tracks_fp(self) -> bool:
@@ -94,4 +96,5 @@ class ReconstructionOptions:
             alpha=config.smoothsign_alpha, max_activation_gib=config.calibration_offload_gib,
             e2e_steps=config.calibration_e2e_steps, e2e_lr=config.calibration_e2e_lr,
             fisher=config.calibration_fisher, fisher_shrinkage=config.calibration_fisher_shrinkage,
+            mitigation_steps=config.calibration_mitigation_steps, mitigation_lr=config.calibration_mitigation_lr,
         )

@@ -1,0 +1,78 @@
+"""Calibration recipes by time budget: what ``littlebit quantize --budget-minutes M`` (or ``--recipe NAME``) runs.
+
+Each recipe is a set of :class:`~hf_littlebit.LittleBitConfig` fields whose result and wall time were measured on the
+bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md, section "Post-training recipes"). A budget picks the best
+recipe whose time, scaled by the model's parameter count (the time of every phase grows about linearly with it),
+fits; explicit command-line flags override single fields of the chosen recipe. Without a budget the command runs
+:data:`DEFAULT_RECIPE`, the one the README's main job promises (~11 minutes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REFERENCE_PARAMS = 134_515_008  # SmolLM2-135M, where the minutes below were measured
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One measured calibration recipe."""
+
+    name: str
+    minutes: float  # quantization wall time on SmolLM2-135M, 2 CPU cores, nothing else running
+    fields: dict[str, Any] = field(default_factory=dict)  # LittleBitConfig fields
+    measured: str = ""  # what it gave, for --help and the log
+
+
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("demo", 10.0, {
+        "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 32, "calibration_seqlen": 256,
+        "calibration_steps": 30, "calibration_mitigation_steps": 4, "calibration_e2e_steps": 20,
+    }, "perplexity 932 at 0.55 bpw (fp 20.4)"),
+    Recipe("standard", 28.0, {
+        "method": "dbf", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
+        "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2, "calibration_e2e_steps": 30,
+    }, "perplexity 191 at 1.0 bpw (fp 20.4)"),
+)
+DEFAULT_RECIPE = "demo"
+
+
+def recipe_named(name: str) -> Recipe:
+    for recipe in RECIPES:
+        if recipe.name == name:
+            return recipe
+    raise ValueError(f"unknown recipe {name!r}; choose one of {[r.name for r in RECIPES]}")
+
+
+def recipe_for_budget(minutes: float, params: int) -> Recipe:
+    """The longest (best measured) recipe whose time, scaled to ``params`` parameters, fits in ``minutes``."""
+    scale = params / REFERENCE_PARAMS
+    fitting = [r for r in RECIPES if r.minutes * scale <= minutes]
+    if not fitting:
+        shortest = min(RECIPES, key=lambda r: r.minutes)
+        raise ValueError(
+            f"--budget-minutes {minutes:g} is below the shortest recipe ({shortest.name!r}: about "
+            f"{shortest.minutes * scale:.0f} minutes for this model on 2 CPU cores); raise the budget, pick "
+            "--recipe and lower --steps yourself, or quantize data-free with --no-calibrate"
+        )
+    return max(fitting, key=lambda r: r.minutes)
+
+
+def count_parameters(model_dir: str) -> int | None:
+    """Parameters stored in a local folder's safetensors files (headers only); ``None`` when it cannot tell."""
+    files = list(Path(model_dir).glob("*.safetensors")) if Path(model_dir).is_dir() else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has keys(), no iteration protocol
+                numel = 1
+                for dim in f.get_slice(key).get_shape():
+                    numel *= dim
+                total += numel
+    return total
