@@ -287,3 +287,30 @@ def test_experts_named_in_modules_to_not_convert_stay_fused_and_are_named(moe_ch
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     assert not any(isinstance(m, LittleBitExperts) for m in again.modules())
     assert torch.equal(logits(again, ids), logits(model, ids))
+
+
+def test_trainer_qat_with_distillation_trains_expert_latents_and_saves_packed(moe_checkpoint, ids, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import Trainer, TrainingArguments
+
+    from hf_littlebit import LittleBitQATCallback
+
+    path = moe_checkpoint("gpt_oss")
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LittleBitConfig(bpw=1.0, trainable=True))
+    experts = next(m for m in model.modules() if isinstance(m, LittleBitExperts))
+    before = [layer.u_latent.detach().clone() for layer in experts.down_layers]
+    rows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_steps=2,
+                             learning_rate=1e-2)
+    teacher = AutoModelForCausalLM.from_pretrained(path).eval()
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": r, "labels": r} for r in rows],
+            callbacks=[LittleBitQATCallback(teacher=teacher, pack_at_end=False)]).train()
+    assert any(not torch.equal(b, layer.u_latent) for b, layer in zip(before, experts.down_layers, strict=True))
+    model.eval()
+    model.save_pretrained(tmp_path / "q")  # packed format, written from trainable mode
+    keys = load_file(str(tmp_path / "q" / "model.safetensors")).keys()
+    assert not any("latent" in k for k in keys) and any(".experts.down_layers.0.u_bits" in k for k in keys)
+    model.littlebit_pack()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    torch.testing.assert_close(logits(reloaded, ids), logits(model, ids))
