@@ -120,8 +120,20 @@ class LittleBitConfig(QuantizationConfigMixin):
             layer, 32·bpw bits per weight: opt in only to trade memory for it). The environment variable
             ``LITTLEBIT_BACKEND`` overrides it for a whole process; ``hf_littlebit.set_backend(model, ...)`` changes
             it after loading. A loading attribute: never written to ``config.json``.
+        whole_model: also convert the input embedding and the LM head (:mod:`hf_littlebit.quantize.whole_model`),
+            so that ``bpw`` budgets *every* parameter of the model: the true bits of the packed layers, embedding and
+            head plus the norms, biases and anything else left dense, counted at the width they are stored in. The
+            embedding becomes a :class:`~hf_littlebit.nn.embedding.LittleBitEmbedding` (rows looked up from the
+            packed factors); a head tied to it reuses its packed tensors (stored once), an untied head becomes an
+            ordinary packed linear layer. With ``allocation="uniform"`` every converted matrix, embedding included,
+            gets the same per-weight rate (the largest one whose total fits the budget); with ``"auto"`` the
+            allocator spends the budget across linears, embedding and head. With calibration, the embedding and
+            the head are factorised data-free after the block-wise and end-to-end phases (which therefore see the
+            fp embedding and head, the teacher's logits included).
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
+        tied_heads: filled by the quantizer with ``whole_model``: ``{head module: embedding module}`` for an LM head
+            that reuses the packed embedding's tensors (a tied model), so a reload rebuilds the tie.
     """
 
     def __init__(
@@ -158,7 +170,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         smoothsign_alpha: float = 100.0,
         trainable: bool = False,
         backend: str = "auto",
+        whole_model: bool = False,
         layer_ranks: dict[str, int] | None = None,
+        tied_heads: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -196,7 +210,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.smoothsign_alpha = smoothsign_alpha
         self.trainable = trainable
         self.backend = backend
+        self.whole_model = whole_model
         self.layer_ranks = dict(layer_ranks or {})
+        self.tied_heads = dict(tied_heads or {})
         self.format_version = format_version
         # Keep unknown keys (written by a newer release) so that a round trip does not drop them.
         for key, value in kwargs.items():
@@ -303,6 +319,14 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(f"LittleBitConfig: trainable must be True or False, got {self.trainable!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"LittleBitConfig: backend must be one of {list(BACKEND_CHOICES)}, got {self.backend!r}")
+        if not isinstance(self.whole_model, bool):
+            raise ValueError(f"LittleBitConfig: whole_model must be True or False, got {self.whole_model!r}")
+        if self.tied_heads and not self.whole_model:
+            raise ValueError("LittleBitConfig: tied_heads is only written with whole_model=True")
+        for head, embedding in self.tied_heads.items():
+            if not isinstance(head, str) or not isinstance(embedding, str) or embedding not in self.layer_ranks:
+                raise ValueError(f"LittleBitConfig: tied_heads[{head!r}] must name a converted embedding of "
+                                 f"layer_ranks, got {embedding!r}")
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")

@@ -19,6 +19,7 @@ from .layers import new_littlebit_layer, note_data_free, quantize_layer_
 from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
+from .whole_model import convert_embeddings_, whole_model_plans
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -56,7 +57,11 @@ def convert_model_(
     progress: bool = True,
 ) -> ReconstructionResult | None:
     """Replace every planned ``nn.Linear`` of a loaded fp model by a packed layer; shared by :func:`quantize` and the
-    HF quantizer's calibrated path. Returns the reconstruction report when calibrating."""
+    HF quantizer's calibrated path. Returns the reconstruction report when calibrating.
+
+    With ``config.whole_model`` the embedding and the LM head are planned and budgeted with the linears
+    (:mod:`hf_littlebit.quantize.whole_model`) but converted last, data-free: calibration (block inputs, the
+    end-to-end teacher's logits) runs with the fp embedding and head, which are then factorised."""
     if littlebit_layers(model):
         raise ValueError("the model already holds LittleBit layers; quantize the full-precision model instead")
     default_skips = HfQuantizer.get_modules_to_not_convert(
@@ -65,9 +70,15 @@ def convert_model_(
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
     warn_unconverted(model, plans, config.modules_to_not_convert)
-    if config.allocation == "auto":
+    late: list = []  # whole model: the embedding and the LM head, converted after everything else
+    if config.whole_model:
+        plans, config.tied_heads = whole_model_plans(model, config, plans)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        late = [p for p in plans if p.kind == "embedding" or model.get_submodule(p.name) is head]
+        plans = [p for p in plans if p not in late]
+    elif config.allocation == "auto":
         plans = allocate_plans(model, plans, config)
-    config.layer_ranks = {p.name: p.rank for p in plans}
+    config.layer_ranks = {p.name: p.rank for p in [*plans, *late]}
 
     if calibration is None:
         note_data_free(config)
@@ -79,6 +90,7 @@ def convert_model_(
             model.set_submodule(plan.name, layer)
             bar.update(1)
         bar.close()
+        _convert_late(model, late, config)
         return None
 
     if tokenizer is None and not isinstance(calibration, torch.Tensor):
@@ -102,8 +114,20 @@ def convert_model_(
         model.train(was_training)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(name, False))
+    _convert_late(model, late, config)
     config.calibrated_with = {
         "source": describe_source(calibration), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
         "steps_per_block": opts.steps, "end_to_end_steps": opts.e2e_steps,
     }
     return result
+
+
+def _convert_late(model: nn.Module, plans: list, config: LittleBitConfig) -> None:
+    """The whole-model extras: the untied LM head (a linear), then the embedding and the tied head, data-free."""
+    for plan in plans:
+        if plan.kind == "linear":
+            dense = model.get_submodule(plan.name)
+            layer = new_littlebit_layer(plan, config, dense, device=dense.weight.device)
+            quantize_layer_(layer, dense.weight, config, plan.name)
+            model.set_submodule(plan.name, layer)
+    convert_embeddings_(model, plans, config)
