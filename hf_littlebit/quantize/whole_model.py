@@ -61,18 +61,26 @@ def find_tied_head(model: nn.Module, emb_name: str, emb: nn.Embedding) -> str | 
     return None
 
 
+def whole_model_budget(model: nn.Module, config: LittleBitConfig, linear_plans: list[LayerPlan]
+                       ) -> tuple[list[LayerPlan], int, dict[str, str]]:
+    """Every converted matrix's plan (linears, embedding, untied head; ranks not chosen yet), the bits left for them
+    once the dense tensors are paid for, and ``{tied head: embedding}``. Shapes and dtypes only (works on meta)."""
+    emb_name, emb = find_embedding(model)
+    tied_head = find_tied_head(model, emb_name, emb)
+    plans = [p for p in linear_plans if p.name != tied_head]
+    plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, config.min_rank, False, "embedding"))
+    converted = {id(model.get_submodule(p.name).weight) for p in plans}
+    total_params = sum(p.numel() for p in model.parameters())
+    dense_bits = sum(8 * t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in converted)
+    logger.info(f"LittleBit whole model: {total_params:,} parameters, {dense_bits / 1e6:.2f} Mbit stay dense")
+    return plans, int(config.bpw * total_params) - dense_bits, ({tied_head: emb_name} if tied_head else {})
+
+
 def whole_model_plans(model: nn.Module, config: LittleBitConfig, linear_plans: list[LayerPlan]
                       ) -> tuple[list[LayerPlan], dict[str, str]]:
     """The plans of every converted matrix (linears, embedding, untied head) with ranks that fit the whole-model
     budget, and ``{tied head: embedding}``."""
-    emb_name, emb = find_embedding(model)
-    tied_head = find_tied_head(model, emb_name, emb)
-    plans = [p for p in linear_plans if p.name != tied_head]
-    plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, 1, False, "embedding"))
-    converted = {id(model.get_submodule(p.name).weight) for p in plans}
-    total_params = sum(p.numel() for p in model.parameters())
-    dense_bits = sum(8 * t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in converted)
-    budget = int(config.bpw * total_params) - dense_bits
+    plans, budget, tied = whole_model_budget(model, config, linear_plans)
     scale_bits = torch.finfo(config.torch_scale_dtype).bits
     if config.allocation == "auto":
         shapes = [LayerShape(p.name, p.in_features, p.out_features,
@@ -82,10 +90,9 @@ def whole_model_plans(model: nn.Module, config: LittleBitConfig, linear_plans: l
     else:
         ranks = _uniform_ranks(plans, config, budget, scale_bits)
     used = sum(stored_bits(p.in_features, p.out_features, ranks[p.name], config.residual, scale_bits) for p in plans)
-    logger.info(f"LittleBit whole model: {total_params:,} parameters, {dense_bits / 1e6:.2f} Mbit stay dense, "
-                f"{used / 1e6:.2f} of {budget / 1e6:.2f} Mbit spent on {len(plans)} matrices")
+    logger.info(f"LittleBit whole model: {used / 1e6:.2f} of {budget / 1e6:.2f} Mbit spent on {len(plans)} matrices")
     plans = [LayerPlan(p.name, p.in_features, p.out_features, ranks[p.name], p.bias, p.kind) for p in plans]
-    return plans, ({tied_head: emb_name} if tied_head else {})
+    return plans, tied
 
 
 def _uniform_ranks(plans: list[LayerPlan], config: LittleBitConfig, budget: int, scale_bits: int) -> dict[str, int]:
