@@ -43,7 +43,8 @@ class LittleBitConfig(QuantizationConfigMixin):
 
     Args:
         bpw: target bits per weight of every converted ``nn.Linear`` (0 < bpw ≤ 16). The rank of each layer follows
-            from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
+            from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`. With
+            ``whole_model=True``: bits per parameter of the whole model (see there).
         method: how the binary factors are found: ``"littlebit"`` (Dual-SVID), ``"littlebit2"`` (Internal Latent
             Rotation with Joint-ITQ, then Dual-SVID) or ``"dbf"`` (Double Binary Factorization: signs optimised
             by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.format.budget.dbf_rank`). Same stored format.
@@ -51,7 +52,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             ``None`` (default): the method's own choice, on for ``"littlebit"``/``"littlebit2"``, off for ``"dbf"``.
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
-            Embeddings and norms are never converted (they are not ``nn.Linear``).
+            Norms are never converted; embeddings only with ``whole_model=True`` (which also converts the head).
         allocation: ``"uniform"`` (every layer gets the rank its shape allows at ``bpw``) or ``"auto"`` (one budget
             of ``bpw`` true bits per weight for the whole model, ranks granted greedily to the layers whose spectra
             lose the most per bit; :mod:`hf_littlebit.quantize.allocate`). The chosen ranks are saved like any others.

@@ -217,23 +217,35 @@ def test_lora_on_the_remaining_layers_trains():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" in n)
 
 
-def test_calibration_tunes_against_the_fp_head_then_converts_it(monkeypatch):
-    from hf_littlebit.quantize.reconstruct import driver
+@pytest.mark.parametrize("arch, head", [("llama_tied", LittleBitTiedHead), ("qwen2", hf_littlebit.LittleBitLinear)])
+def test_calibration_end_to_end_teacher_is_the_fp_model(monkeypatch, arch, head):
+    """The end-to-end phase tunes the packed embedding and head too, while the teacher's logits are exactly the fp
+    model's (fp last-block states through the fp head, not the packed one)."""
+    import copy
 
-    seen = {}
-    real = driver.tune_end_to_end
+    from hf_littlebit.quantize.reconstruct import end_to_end
 
-    def spy(model, *args, **kwargs):
-        seen["head"], seen["embedding"] = type(model.lm_head).__name__, type(model.model.embed_tokens).__name__
-        return real(model, *args, **kwargs)
+    fp = tiny(arch)
+    reference = copy.deepcopy(fp)
+    seen = []
+    real = end_to_end._student_and_teacher_logits
 
-    monkeypatch.setattr(driver, "tune_end_to_end", spy)
+    def spy(model, hook, batch, teacher):
+        student, teacher_logits = real(model, hook, batch, teacher)
+        seen.append((type(model.lm_head.head).__name__, batch, teacher_logits))
+        return student, teacher_logits
+
+    monkeypatch.setattr(end_to_end, "_student_and_teacher_logits", spy)
     cfg = LittleBitConfig(bpw=4.0, whole_model=True, calibration_samples=4, calibration_seqlen=16,
                           calibration_steps=2, calibration_batch_size=2, calibration_e2e_steps=2)
-    model = hf_littlebit.quantize(tiny("llama_tied"), cfg, calibration=torch.randint(0, 256, (4, 16)),
-                                  progress=False)
-    assert seen == {"head": "Linear", "embedding": "Embedding"}  # the teacher's logits came from the fp head
-    assert isinstance(model.lm_head, LittleBitTiedHead) and isinstance(model.model.embed_tokens, LittleBitEmbedding)
+    model = hf_littlebit.quantize(fp, cfg, calibration=torch.randint(0, 128, (4, 16)), progress=False)
+    assert seen and all(kind == head.__name__ for kind, _, _ in seen)
+    with torch.no_grad():
+        for _, batch, teacher_logits in seen:
+            assert torch.allclose(teacher_logits, reference(batch).logits, rtol=1e-4, atol=1e-4)
+    assert type(model.lm_head) is head and isinstance(model.model.embed_tokens, LittleBitEmbedding)
+    assert not model.model.embed_tokens.is_trainable and model.model.embed_tokens.is_packed
+    assert "model.embed_tokens" in model.hf_quantizer.reconstruction.outside_blocks
     assert torch.isfinite(model(ids()).logits).all()
 
 

@@ -19,7 +19,7 @@ from .layers import new_littlebit_layer, note_data_free, quantize_layer_
 from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
-from .whole_model import convert_embeddings_, whole_model_plans
+from .whole_model import convert_late_, whole_model_plans
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -60,8 +60,9 @@ def convert_model_(
     HF quantizer's calibrated path. Returns the reconstruction report when calibrating.
 
     With ``config.whole_model`` the embedding and the LM head are planned and budgeted with the linears
-    (:mod:`hf_littlebit.quantize.whole_model`) but converted last, data-free: calibration (block inputs, the
-    end-to-end teacher's logits) runs with the fp embedding and head, which are then factorised."""
+    (:mod:`hf_littlebit.quantize.whole_model`) but converted last: after the block-wise pass (whose block inputs
+    therefore come from the fp embedding), before the end-to-end phase, which tunes their scales too while the
+    teacher's logits still come from the fp head."""
     if littlebit_layers(model):
         raise ValueError("the model already holds LittleBit layers; quantize the full-precision model instead")
     default_skips = HfQuantizer.get_modules_to_not_convert(
@@ -90,7 +91,7 @@ def convert_model_(
             model.set_submodule(plan.name, layer)
             bar.update(1)
         bar.close()
-        _convert_late(model, late, config)
+        convert_late_(model, late, config)
         return None
 
     if tokenizer is None and not isinstance(calibration, torch.Tensor):
@@ -109,25 +110,14 @@ def convert_model_(
     model.requires_grad_(False)
     try:
         result = BlockReconstructor(model, config, plans, tokens, opts, work_dir=work_dir, resume=resume,
-                                    progress=progress).run()
+                                    progress=progress, late_plans=late).run()
     finally:
         model.train(was_training)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_flags.get(name, False))
-    _convert_late(model, late, config)
     config.calibrated_with = {
         "source": describe_source(calibration), "samples": int(tokens.shape[0]), "seqlen": int(tokens.shape[1]),
         "steps_per_block": opts.steps, "end_to_end_steps": opts.e2e_steps,
     }
     return result
 
-
-def _convert_late(model: nn.Module, plans: list, config: LittleBitConfig) -> None:
-    """The whole-model extras: the untied LM head (a linear), then the embedding and the tied head, data-free."""
-    for plan in plans:
-        if plan.kind == "linear":
-            dense = model.get_submodule(plan.name)
-            layer = new_littlebit_layer(plan, config, dense, device=dense.weight.device)
-            quantize_layer_(layer, dense.weight, config, plan.name)
-            model.set_submodule(plan.name, layer)
-    convert_embeddings_(model, plans, config)

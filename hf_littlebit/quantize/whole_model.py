@@ -130,11 +130,10 @@ def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
     return list(seen.values())
 
 
-def convert_embeddings_(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig) -> None:
-    """Factor and pack every embedding plan of ``plans`` (data-free), then attach ``config.tied_heads``."""
+def convert_late_(model: nn.Module, plans: list[LayerPlan], config: LittleBitConfig) -> None:
+    """Factor and pack the whole-model extras (data-free): the embedding and an untied head (an ordinary Linear
+    plan), then attach ``config.tied_heads``."""
     for plan in plans:
-        if plan.kind != "embedding":
-            continue
         dense = model.get_submodule(plan.name)
         layer = new_littlebit_layer(plan, config, dense, device=dense.weight.device)
         quantize_layer_(layer, dense.weight, config, plan.name)

@@ -1,0 +1,136 @@
+"""Whole-model compression (issue 22) on the bundled SmolLM2-135M: checkpoint bytes and perplexity of
+``whole_model=True`` (embedding and tied LM head packed too, ``bpw`` budgets every parameter) against the
+linears-only conversion (embedding / head left dense) at the same target.
+
+usage: python bench/whole_model.py [--bpw 1.0 0.55] [--allocation uniform auto] [--method littlebit]
+                                   [--calibrate] [--max-tokens 8192] [--seqlen 2048]
+                                   [--out bench/results/whole_model.json] [--plot bench/results/whole_model.png]
+       python bench/whole_model.py --report-only
+
+Each row quantizes a fresh fp32 copy (data-free unless ``--calibrate``: 32 × 256 tokens of the training split, the
+``littlebit`` command's defaults), saves it with ``save_pretrained`` and reports the bytes of the ``.safetensors``
+files (what a download costs), the converted layers' true bpw, the whole model's bits per parameter as stored, and
+the perplexity on the first ``--max-tokens`` tokens of the test split. Rows are appended to ``--out`` as they come.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+import hf_littlebit
+from hf_littlebit.assets import ensure_assets
+from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| scope | method | allocation | target bpw | true bpw (converted) | whole model bits/param | "
+             "checkpoint MB | perplexity | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['scope']} | {r['method']}{' (calibrated)' if r.get('calibrated') else ''} | "
+                     f"{r['allocation']} | {r['bpw_target']} | {r['bpw_true']:.3f} | {r['bpw_whole_model']:.3f} | "
+                     f"{r['checkpoint_bytes'] / 1e6:.2f} | {r['ppl']:.4g} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for scope, marker in (("linears only", "o"), ("whole model", "s")):
+        pts = sorted((r["checkpoint_bytes"] / 1e6, r["ppl"]) for r in rows if r["scope"] == scope)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", label=scope)
+    ax.set_xlabel("checkpoint MB (safetensors)")
+    ax.set_ylabel("perplexity (Wikipedia test split)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55])
+    ap.add_argument("--allocation", nargs="+", default=["uniform", "auto"])
+    ap.add_argument("--method", default="littlebit")
+    ap.add_argument("--scopes", nargs="+", default=["linears only", "whole model"])
+    ap.add_argument("--calibrate", action="store_true", help="calibrated rows (minutes each on a CPU)")
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--cache-dir")
+    ap.add_argument("--out", default="bench/results/whole_model.json")
+    ap.add_argument("--plot", default="bench/results/whole_model.png")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.report_only:
+        rows = json.loads(out.read_text())["rows"]
+        print(markdown(rows))
+        if args.plot:
+            plot(rows, Path(args.plot))
+        return
+    torch.set_num_threads(2)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    assets = ensure_assets(args.cache_dir)
+    path = str(assets.model_dir)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tokenize_stream(tok, assets.text("test"), args.max_tokens)
+    calibration = assets.text("train") if args.calibrate else None
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    if not any(r["scope"] == "fp32 reference" for r in rows):
+        fp = AutoModelForCausalLM.from_pretrained(path)
+        params = sum(p.numel() for p in fp.parameters())
+        rows.append({"scope": "fp32 reference", "method": "—", "allocation": "—", "bpw_target": "—",
+                     "bpw_true": 16.0, "bpw_whole_model": 16.0, "checkpoint_bytes": 2 * params,
+                     "ppl": perplexity(fp, token_ids=ids, seqlen=args.seqlen, progress=False).ppl, "seconds": 0})
+        del fp
+    for bpw in args.bpw:
+        for allocation in args.allocation:
+            for scope in args.scopes:
+                cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=args.method, allocation=allocation,
+                                                   whole_model=scope == "whole model", calibration_samples=32,
+                                                   calibration_steps=30, calibration_e2e_steps=20)
+                model = AutoModelForCausalLM.from_pretrained(path)
+                t0 = time.perf_counter()
+                hf_littlebit.quantize(model, cfg, calibration=calibration, tokenizer=tok, progress=False)
+                seconds = time.perf_counter() - t0
+                report = hf_littlebit.summary(model)
+                with tempfile.TemporaryDirectory() as folder:
+                    model.save_pretrained(folder)
+                    size = checkpoint_bytes(Path(folder))
+                res = perplexity(model, token_ids=ids, seqlen=args.seqlen, progress=False)
+                row = {"scope": scope, "method": args.method, "allocation": allocation, "bpw_target": bpw,
+                       "calibrated": calibration is not None, "bpw_true": report.bpw_true,
+                       "bpw_whole_model": report.bpw_whole_model, "checkpoint_bytes": size,
+                       "bpw_checkpoint": 8 * size / report.model_params, "ppl": res.ppl, "seconds": seconds}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens,
+                                           "seqlen": args.seqlen, "rows": rows}, indent=1))
+                del model
+    print(markdown(rows))
+    if args.plot:
+        plot(rows, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
