@@ -129,8 +129,8 @@ class LittleBitConfig(QuantizationConfigMixin):
             ordinary packed linear layer. With ``allocation="uniform"`` every converted matrix, embedding included,
             gets the same per-weight rate (the largest one whose total fits the budget); with ``"auto"`` the
             allocator spends the budget across linears, embedding and head. With calibration, the embedding and
-            the head are factorised data-free after the block-wise and end-to-end phases (which therefore see the
-            fp embedding and head, the teacher's logits included).
+            the head are factorised data-free after the block-wise pass (which sees the fp embedding); the
+            end-to-end phase then tunes their scales too, its teacher's logits still from the fp head.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
         tied_heads: filled by the quantizer with ``whole_model``: ``{head module: embedding module}`` for an LM head
