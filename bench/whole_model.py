@@ -2,15 +2,17 @@
 ``whole_model=True`` (embedding and tied LM head packed too, ``bpw`` budgets every parameter) against the
 linears-only conversion (embedding / head left dense) at the same target.
 
-usage: python bench/whole_model.py [--bpw 1.0 0.55] [--allocation uniform auto] [--method littlebit]
-                                   [--calibrate] [--max-tokens 8192] [--seqlen 2048]
+usage: python bench/whole_model.py [--whole-bpw 4.0 1.0 0.55] [--linears-bpw 1.0 0.55] [--allocation auto]
+                                   [--method littlebit] [--calibrate] [--max-tokens 8192] [--seqlen 2048]
                                    [--out bench/results/whole_model.json] [--plot bench/results/whole_model.png]
        python bench/whole_model.py --report-only
 
-Each row quantizes a fresh fp32 copy (data-free unless ``--calibrate``: 32 × 256 tokens of the training split, the
-``littlebit`` command's defaults), saves it with ``save_pretrained`` and reports the bytes of the ``.safetensors``
-files (what a download costs), the converted layers' true bpw, the whole model's bits per parameter as stored, and
-the perplexity on the first ``--max-tokens`` tokens of the test split. Rows are appended to ``--out`` as they come.
+Each row quantizes a fresh fp32 copy (data-free unless ``--calibrate``: 32 × 256 tokens of the training split, 30
+steps per block, 20 end-to-end steps), measures the perplexity on the first ``--max-tokens`` tokens of the test
+split (fp32 compute), then casts the tensors that stayed dense (embedding and head of the linears-only rows, norms)
+to bf16 — how such a model is shipped — and saves it with ``save_pretrained``: "checkpoint MB" is the bytes of the
+``.safetensors`` files (what a download costs). Rows are appended to ``--out`` as they come; ``--skip-done`` skips
+rows already there.
 """
 
 from __future__ import annotations
@@ -28,10 +30,20 @@ from transformers.utils import logging as hf_logging
 import hf_littlebit
 from hf_littlebit.assets import ensure_assets
 from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
+from hf_littlebit.nn.layer import littlebit_layers
 
 
 def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def dense_to_bf16_(model: torch.nn.Module) -> None:
+    """Cast every floating tensor outside the LittleBit layers to bf16 (the packed scales keep their dtype)."""
+    packed = {id(p) for layer in littlebit_layers(model).values() for p in layer.parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            if id(p) not in packed and p.is_floating_point():
+                p.data = p.data.to(torch.bfloat16)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -64,12 +76,34 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def measure_row(path: str, tok, ids: torch.Tensor, scope: str, bpw: float, allocation: str,  # noqa: ANN001
+                args: argparse.Namespace, calibration: str | None) -> dict:
+    cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=args.method, allocation=allocation,
+                                       whole_model=scope == "whole model", calibration_samples=32,
+                                       calibration_steps=30, calibration_e2e_steps=20)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    t0 = time.perf_counter()
+    hf_littlebit.quantize(model, cfg, calibration=calibration, tokenizer=tok, progress=False)
+    seconds = time.perf_counter() - t0
+    res = perplexity(model, token_ids=ids, seqlen=args.seqlen, progress=False)
+    dense_to_bf16_(model)
+    report = hf_littlebit.summary(model)
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        size = checkpoint_bytes(Path(folder))
+    return {"scope": scope, "method": args.method, "allocation": allocation, "bpw_target": bpw,
+            "calibrated": calibration is not None, "bpw_true": report.bpw_true,
+            "bpw_whole_model": report.bpw_whole_model, "checkpoint_bytes": size,
+            "bpw_checkpoint": 8 * size / report.model_params, "ppl": res.ppl, "seconds": seconds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bpw", type=float, nargs="+", default=[1.0, 0.55])
-    ap.add_argument("--allocation", nargs="+", default=["uniform", "auto"])
+    ap.add_argument("--whole-bpw", type=float, nargs="*", default=[4.0, 1.0, 0.55])
+    ap.add_argument("--linears-bpw", type=float, nargs="*", default=[1.0, 0.55])
+    ap.add_argument("--allocation", nargs="+", default=["auto"])
     ap.add_argument("--method", default="littlebit")
-    ap.add_argument("--scopes", nargs="+", default=["linears only", "whole model"])
+    ap.add_argument("--skip-done", action="store_true")
     ap.add_argument("--calibrate", action="store_true", help="calibrated rows (minutes each on a CPU)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -103,30 +137,17 @@ def main() -> None:
                      "bpw_true": 16.0, "bpw_whole_model": 16.0, "checkpoint_bytes": 2 * params,
                      "ppl": perplexity(fp, token_ids=ids, seqlen=args.seqlen, progress=False).ppl, "seconds": 0})
         del fp
-    for bpw in args.bpw:
+    todo = [("whole model", b) for b in args.whole_bpw] + [("linears only", b) for b in args.linears_bpw]
+    for scope, bpw in todo:
         for allocation in args.allocation:
-            for scope in args.scopes:
-                cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=args.method, allocation=allocation,
-                                                   whole_model=scope == "whole model", calibration_samples=32,
-                                                   calibration_steps=30, calibration_e2e_steps=20)
-                model = AutoModelForCausalLM.from_pretrained(path)
-                t0 = time.perf_counter()
-                hf_littlebit.quantize(model, cfg, calibration=calibration, tokenizer=tok, progress=False)
-                seconds = time.perf_counter() - t0
-                report = hf_littlebit.summary(model)
-                with tempfile.TemporaryDirectory() as folder:
-                    model.save_pretrained(folder)
-                    size = checkpoint_bytes(Path(folder))
-                res = perplexity(model, token_ids=ids, seqlen=args.seqlen, progress=False)
-                row = {"scope": scope, "method": args.method, "allocation": allocation, "bpw_target": bpw,
-                       "calibrated": calibration is not None, "bpw_true": report.bpw_true,
-                       "bpw_whole_model": report.bpw_whole_model, "checkpoint_bytes": size,
-                       "bpw_checkpoint": 8 * size / report.model_params, "ppl": res.ppl, "seconds": seconds}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens,
-                                           "seqlen": args.seqlen, "rows": rows}, indent=1))
-                del model
+            key = (scope, args.method, allocation, bpw, calibration is not None)
+            if args.skip_done and any((r["scope"], r["method"], r["allocation"], r["bpw_target"],
+                                       r.get("calibrated", False)) == key for r in rows):
+                continue
+            rows.append(measure_row(path, tok, ids, scope, bpw, allocation, args, calibration))
+            print(json.dumps(rows[-1]), flush=True)
+            out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "max_tokens": args.max_tokens,
+                                       "seqlen": args.seqlen, "rows": rows}, indent=1))
     print(markdown(rows))
     if args.plot:
         plot(rows, Path(args.plot))

@@ -107,6 +107,7 @@ def test_tied_model_stores_one_copy_and_untied_head_is_a_packed_linear(tmp_path)
     assert model.all_tied_weights_keys == {}
     x = torch.randn(1, 3, 64)
     assert torch.equal(model.lm_head(x), model.model.embed_tokens.logits(x))
+    assert model.generate(ids(), max_new_tokens=3, do_sample=False).shape == (2, 15)
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
@@ -256,6 +257,11 @@ def test_from_pretrained_with_whole_model(fp_checkpoint, tokens):
     assert torch.isfinite(model(tokens).logits).all()
 
 
+def test_model_card_says_which_bpw_it_is():
+    card = hf_littlebit.model_card(quantized("llama_tied"))
+    assert "whole-model" in card and "4.0 (whole model)" in card and "LM head are packed too" in card
+
+
 def test_config_round_trip_and_bad_values():
     cfg = LittleBitConfig(whole_model=True, layer_ranks={"model.embed_tokens": 8},
                           tied_heads={"lm_head": "model.embed_tokens"})
@@ -275,6 +281,13 @@ def test_clear_errors_for_models_without_embedding_and_too_small_budgets(monkeyp
     with pytest.raises(LittleBitQuantizationError, match="no nn.Embedding input embedding"):
         hf_littlebit.quantize(model, LittleBitConfig(bpw=4.0, whole_model=True), progress=False)
     monkeypatch.undo()
+    with pytest.raises(LittleBitQuantizationError, match="tied to the embedding"):
+        hf_littlebit.quantize(tiny("llama_tied"), LittleBitConfig(bpw=4.0, whole_model=True,
+                                                                  modules_to_not_convert=["lm_head"]), progress=False)
+    # both left dense on purpose: the whole-model budget pays for the fp32 embedding first, the tie is kept
+    kept = hf_littlebit.quantize(tiny("llama_tied"), LittleBitConfig(
+        bpw=8.0, whole_model=True, modules_to_not_convert=["lm_head", "model.embed_tokens"]), progress=False)
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight and summary(kept).bpw_whole_model <= 8.0
     with pytest.raises(BudgetTooSmallError, match="whole_model"):
         hf_littlebit.quantize(tiny("qwen2"), LittleBitConfig(bpw=0.3, whole_model=True), progress=False)
 

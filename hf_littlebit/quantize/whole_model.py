@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from ..config import LittleBitConfig
@@ -68,7 +69,17 @@ def whole_model_budget(model: nn.Module, config: LittleBitConfig, linear_plans: 
     emb_name, emb = find_embedding(model)
     tied_head = find_tied_head(model, emb_name, emb)
     plans = [p for p in linear_plans if p.name != tied_head]
-    plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, config.min_rank, False, "embedding"))
+    skip = config.modules_to_not_convert or []
+    if should_convert_module(emb_name, skip):
+        if tied_head is not None and not should_convert_module(tied_head, skip):
+            raise LittleBitQuantizationError(
+                f"whole_model=True: {tied_head} is tied to the embedding {emb_name}, so it cannot stay dense while "
+                f"the embedding is packed; keep both dense (add {emb_name} to modules_to_not_convert too) or convert "
+                "both"
+            )
+        plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, config.min_rank, False, "embedding"))
+    else:
+        tied_head = None  # the embedding stays dense, and so does a head tied to it
     converted = {id(model.get_submodule(p.name).weight) for p in plans}
     total_params = sum(p.numel() for p in model.parameters())
     dense_bits = sum(8 * t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in converted)
