@@ -96,6 +96,27 @@ def test_dtype_follows_the_model():
     assert next(iter(emb.parameters())).dtype == torch.float32  # Transformers reads a model's dtype from this
 
 
+def available_backends() -> list[str]:
+    from hf_littlebit.backends.cpu import cpu_kernel_available
+    from hf_littlebit.backends.triton import interpreter_enabled, triton_available
+
+    return (["cpu"] if cpu_kernel_available() else []) + (["triton"] if triton_available() and
+                                                          interpreter_enabled() else [])
+
+
+@pytest.mark.parametrize("backend", available_backends())
+def test_tied_head_runs_on_the_packed_backends(backend, monkeypatch):
+    """The tied head and the packed linears give the PyTorch reference's logits through the CPU kernel and Triton
+    (interpreter on CPU tensors here); the embedding lookup is plain tensor code on any device."""
+    monkeypatch.delenv("LITTLEBIT_BACKEND", raising=False)
+    model = quantized("llama_tied")
+    with torch.no_grad():
+        hf_littlebit.set_backend(model, "torch")
+        reference = model(ids()).logits
+        assert hf_littlebit.set_backend(model, backend) == 15  # 14 linears and the embedding (the head's tensors)
+        torch.testing.assert_close(model(ids()).logits, reference, rtol=1e-4, atol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------------- conversion
 def test_tied_model_stores_one_copy_and_untied_head_is_a_packed_linear(tmp_path):
     model = quantized("llama_tied")
