@@ -76,7 +76,7 @@ class ModelSummary:
         scope = ("embedding and LM head packed, target " + f"{self.bpw_target:g}" if self.whole_model
                  else "embedding and LM head dense")
         lines.append(
-            f"whole model ({scope}): {self.model_bytes / 2**20:.2f} MiB, {self.bpw_whole_model:.3f} bits per "
+            f"whole model ({scope}): {self.model_bytes / 2**20:.2f} MiB, {self.bpw_whole_model:.2f} bits per "
             f"parameter (dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, {ratio:.1f}x smaller)"
         )
         if self.unconverted:

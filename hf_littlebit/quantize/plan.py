@@ -95,6 +95,8 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
         if choice.capped:
             capped.append(name)
         plans.append(LayerPlan(name, module.in_features, module.out_features, choice.rank, module.bias is not None))
+    if config.whole_model:  # these ranks are provisional: whole_model_plans re-chooses them under the model budget
+        floored, capped = [], []
     if floored:
         logger.warning(
             f"LittleBit: {len(floored)} layer(s) are too small for bpw={config.bpw} and use min_rank={config.min_rank} "
