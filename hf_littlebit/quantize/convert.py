@@ -16,7 +16,7 @@ from ..config import LittleBitConfig
 from ..nn.layer import littlebit_layers
 from .calibration import calibration_tokens, describe_source
 from .layers import new_littlebit_layer, note_data_free, quantize_layer_
-from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
+from .plan import LayerPlan, allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
 from .whole_model import convert_late_, whole_model_plans
@@ -71,7 +71,7 @@ def convert_model_(
     config.modules_to_not_convert = resolve_modules_to_not_convert(model, config, default_skips)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
     warn_unconverted(model, plans, config.modules_to_not_convert)
-    late: list = []  # whole model: the embedding and the LM head, converted after everything else
+    late: list[LayerPlan] = []  # whole model: the embedding and the LM head, converted after everything else
     if config.whole_model:
         plans, config.tied_heads = whole_model_plans(model, config, plans)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -120,4 +120,3 @@ def convert_model_(
         "steps_per_block": opts.steps, "end_to_end_steps": opts.e2e_steps,
     }
     return result
-
