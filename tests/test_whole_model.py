@@ -165,7 +165,7 @@ def test_fresh_process_reload_is_identical(arch, tmp_path):
     out = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "q"), str(tmp_path / "ids.pt"),
                           str(tmp_path / "out.pt")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    for word in ("missing", "unexpected", "mismatch", "newly initialized", "not used"):
+    for word in ("load report", "missing", "unexpected", "mismatch", "newly initialized", "not used"):
         assert word not in out.stderr.lower(), out.stderr[-3000:]
     kinds = json.loads(out.stdout.strip().splitlines()[-1])
     assert kinds["embedding"] == "LittleBitEmbedding"
