@@ -89,7 +89,10 @@ class LittleBitEmbedding(LittleBitLinear):
                             "use .logits(x)")
         device = self.h.device
         flat = input_ids.reshape(-1).to(device)
-        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_embeddings):
+        # Indexing would wrap negative ids around; on accelerators the gather's own device assert catches them
+        # without the host sync this check costs.
+        if flat.device.type == "cpu" and flat.numel() and (int(flat.min()) < 0 or
+                                                           int(flat.max()) >= self.num_embeddings):
             raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
         out = None
         for prefix in self.active_prefixes:
