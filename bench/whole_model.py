@@ -46,12 +46,52 @@ def dense_to_bf16_(model: torch.nn.Module) -> None:
                 p.data = p.data.to(torch.bfloat16)
 
 
+def split_rates(report: hf_littlebit.ModelSummary) -> dict:
+    """True bpw of the decoder linears and of the embedding (+ tied head) separately, and the embedding's rank."""
+    out = {}
+    for kind, rows in (("linears", [r for r in report.layers if r.kind == "linear"]),
+                       ("embedding", [r for r in report.layers if r.kind != "linear"])):
+        if rows:
+            dense = sum(r.in_features * r.out_features for r in rows)
+            out[f"bpw_{kind}"] = sum(r.bpw_true * r.in_features * r.out_features for r in rows) / dense
+    out["embedding_rank"] = next((r.rank for r in report.layers if r.kind != "linear"), None)
+    return out
+
+
+def planned_rates(path: str, row: dict) -> dict:
+    """:func:`split_rates` of a whole-model row from its plan alone (allocation, no factorisation): for rows
+    measured before the bench recorded the split (``--fill-rates``)."""
+    from transformers.quantizers import HfQuantizer
+
+    from hf_littlebit.format.budget import stored_bits
+    from hf_littlebit.quantize.plan import plan_conversion, resolve_modules_to_not_convert
+    from hf_littlebit.quantize.whole_model import whole_model_plans
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    cfg = hf_littlebit.LittleBitConfig(bpw=row["bpw_target"], method=row["method"], allocation=row["allocation"],
+                                       whole_model=True)
+    defaults = HfQuantizer.get_modules_to_not_convert(model, None, None)
+    cfg.modules_to_not_convert = resolve_modules_to_not_convert(model, cfg, defaults)
+    plans, _ = whole_model_plans(model, cfg, plan_conversion(model, cfg, cfg.modules_to_not_convert, False))
+    out = {}
+    for kind in ("linear", "embedding"):
+        chosen = [p for p in plans if p.kind == kind]
+        bits = sum(stored_bits(p.in_features, p.out_features, p.rank, cfg.residual) for p in chosen)
+        out["bpw_linears" if kind == "linear" else "bpw_embedding"] = bits / sum(
+            p.in_features * p.out_features for p in chosen)
+    out["embedding_rank"] = next(p.rank for p in plans if p.kind == "embedding")
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
-    lines = ["| scope | method | allocation | target bpw | true bpw (converted) | whole model bits/param | "
-             "checkpoint MB | perplexity | quantize s |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| scope | method | allocation | target bpw | true bpw: linears / embedding (rank) | "
+             "whole model bits/param | checkpoint MB | perplexity | quantize s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        emb = f"{r['bpw_embedding']:.3f} ({r['embedding_rank']})" if r.get("bpw_embedding") is not None else "dense"
+        split = f"{r['bpw_linears']:.3f} / {emb}" if "bpw_linears" in r else f"{r['bpw_true']:.3f}"
         lines.append(f"| {r['scope']} | {r['method']}{' (calibrated)' if r.get('calibrated') else ''} | "
-                     f"{r['allocation']} | {r['bpw_target']} | {r['bpw_true']:.3f} | {r['bpw_whole_model']:.3f} | "
+                     f"{r['allocation']} | {r['bpw_target']} | {split} | {r['bpw_whole_model']:.3f} | "
                      f"{r['checkpoint_bytes'] / 1e6:.2f} | {r['ppl']:.4g} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -92,7 +132,7 @@ def measure_row(path: str, tok, ids: torch.Tensor, scope: str, bpw: float, alloc
         model.save_pretrained(folder)
         size = checkpoint_bytes(Path(folder))
     return {"scope": scope, "method": args.method, "allocation": allocation, "bpw_target": bpw,
-            "calibrated": calibration is not None, "bpw_true": report.bpw_true,
+            "calibrated": calibration is not None, "bpw_true": report.bpw_true, **split_rates(report),
             "bpw_whole_model": report.bpw_whole_model, "checkpoint_bytes": size,
             "bpw_checkpoint": 8 * size / report.model_params, "ppl": res.ppl, "seconds": seconds}
 
@@ -111,8 +151,19 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/whole_model.json")
     ap.add_argument("--plot", default="bench/results/whole_model.png")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--fill-rates", action="store_true",
+                    help="add the linears / embedding split to whole-model rows of --out that lack it (plans only)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.fill_rates:
+        data = json.loads(out.read_text())
+        for row in data["rows"]:
+            if row["scope"] == "whole model" and "bpw_linears" not in row:
+                row.update(planned_rates(str(ensure_assets(args.cache_dir).model_dir), row))
+            elif row["scope"] == "linears only" and "bpw_linears" not in row:
+                row["bpw_linears"] = row["bpw_true"]
+        out.write_text(json.dumps(data, indent=1))
+        args.report_only = True
     if args.report_only:
         rows = json.loads(out.read_text())["rows"]
         print(markdown(rows))

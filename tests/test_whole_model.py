@@ -239,6 +239,24 @@ def test_lora_on_the_remaining_layers_trains():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" in n)
 
 
+def test_trainable_mode_freezes_the_packed_embedding_and_packs_back(tmp_path):
+    """QAT's make_trainable: the packed embedding (and so the tied head) goes to trainable mode but stays frozen,
+    like a dense embedding in LittleBit's recipe; saving while trainable writes the packed format."""
+    model = quantized("llama_tied")
+    tokens = ids()
+    before = model(tokens).logits
+    hf_littlebit.make_trainable(model, estimator="ste")
+    emb = model.model.embed_tokens
+    assert emb.is_trainable and not any(p.requires_grad for p in emb.parameters())
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    model.save_pretrained(tmp_path)
+    hf_littlebit.pack(model)
+    assert emb.is_packed and torch.allclose(model(tokens).logits, before, rtol=1e-4, atol=1e-4)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+
+
 @pytest.mark.parametrize("arch, head", [("llama_tied", LittleBitTiedHead), ("qwen2", hf_littlebit.LittleBitLinear)])
 def test_calibration_end_to_end_teacher_is_the_fp_model(monkeypatch, arch, head):
     """The end-to-end phase tunes the packed embedding and head too, while the teacher's logits are exactly the fp
