@@ -73,7 +73,7 @@ This model was compressed with [hf-littlebit](https://pypi.org/project/hf-little
 |---|---|
 | base model | `{base}` |
 | method | `{cfg.method}` |
-| target bpw | {cfg.bpw} ({"whole model" if report.whole_model else "converted layers"}) |
+| target bpw | {cfg.bpw}{" (whole model)" if report.whole_model else ""} |
 | true bpw (converted layers) | {report.bpw_true:.4f} |
 | whole model, bits per parameter | {report.bpw_whole_model:.3f} ({scope}) |
 | residual path | {cfg.residual} |
