@@ -45,7 +45,8 @@ class LittleBitConfig(QuantizationConfigMixin):
 
     Args:
         bpw: target bits per weight of every converted ``nn.Linear`` (0 < bpw ≤ 16). The rank of each layer follows
-            from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`.
+            from it by the paper's rule; the true stored bits are reported by :func:`hf_littlebit.summary`. With
+            ``whole_model=True``: bits per parameter of the whole model (see there).
         method: how the binary factors are found: ``"littlebit"`` (Dual-SVID), ``"littlebit2"`` (Internal Latent
             Rotation with Joint-ITQ, then Dual-SVID), ``"dbf"`` (Double Binary Factorization: signs optimised
             by alternating ADMM; DBF's rank rule, see :func:`hf_littlebit.format.budget.dbf_rank`) or ``"lbadmm"``
@@ -56,7 +57,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             methods ``"dbf"`` and ``"lbadmm"``.
         modules_to_not_convert: module names or patterns kept in full precision. ``None`` keeps the LM head and tied
             weights; the resolved list is written back on load so a saved model does not depend on heuristics.
-            Embeddings and norms are never converted (they are not ``nn.Linear``).
+            Norms are never converted; embeddings only with ``whole_model=True`` (which also converts the head).
         allocation: ``"uniform"`` (every layer gets the rank its shape allows at ``bpw``) or ``"auto"`` (one budget
             of ``bpw`` true bits per weight for the whole model, ranks granted greedily to the layers whose spectra
             lose the most per bit; :mod:`hf_littlebit.quantize.allocate`). The chosen ranks are saved like any others.
@@ -133,8 +134,20 @@ class LittleBitConfig(QuantizationConfigMixin):
             layer, 32·bpw bits per weight: opt in only to trade memory for it). The environment variable
             ``LITTLEBIT_BACKEND`` overrides it for a whole process; ``hf_littlebit.set_backend(model, ...)`` changes
             it after loading. A loading attribute: never written to ``config.json``.
+        whole_model: also convert the input embedding and the LM head (:mod:`hf_littlebit.quantize.whole_model`),
+            so that ``bpw`` budgets *every* parameter of the model: the true bits of the packed layers, embedding and
+            head plus the norms, biases and anything else left dense, counted at the width they are stored in. The
+            embedding becomes a :class:`~hf_littlebit.nn.embedding.LittleBitEmbedding` (rows looked up from the
+            packed factors); a head tied to it reuses its packed tensors (stored once), an untied head becomes an
+            ordinary packed linear layer. With ``allocation="uniform"`` every converted matrix, embedding included,
+            gets the same per-weight rate (the largest one whose total fits the budget); with ``"auto"`` the
+            allocator spends the budget across linears, embedding and head. With calibration, the embedding and
+            the head are factorised data-free after the block-wise pass (which sees the fp embedding); the
+            end-to-end phase then tunes their scales too, its teacher's logits still from the fp head.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
+        tied_heads: filled by the quantizer with ``whole_model``: ``{head module: embedding module}`` for an LM head
+            that reuses the packed embedding's tensors (a tied model), so a reload rebuilds the tie.
     """
 
     def __init__(
@@ -173,7 +186,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         smoothsign_alpha: float = 100.0,
         trainable: bool = False,
         backend: str = "auto",
+        whole_model: bool = False,
         layer_ranks: dict[str, int] | None = None,
+        tied_heads: dict[str, str] | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -213,7 +228,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.smoothsign_alpha = smoothsign_alpha
         self.trainable = trainable
         self.backend = backend
+        self.whole_model = whole_model
         self.layer_ranks = dict(layer_ranks or {})
+        self.tied_heads = dict(tied_heads or {})
         self.format_version = format_version
         # Keep unknown keys (written by a newer release) so that a round trip does not drop them.
         for key, value in kwargs.items():
@@ -321,6 +338,14 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(f"LittleBitConfig: trainable must be True or False, got {self.trainable!r}")
         if self.backend not in BACKEND_CHOICES:
             raise ValueError(f"LittleBitConfig: backend must be one of {list(BACKEND_CHOICES)}, got {self.backend!r}")
+        if not isinstance(self.whole_model, bool):
+            raise ValueError(f"LittleBitConfig: whole_model must be True or False, got {self.whole_model!r}")
+        if self.tied_heads and not self.whole_model:
+            raise ValueError("LittleBitConfig: tied_heads is only written with whole_model=True")
+        for head, embedding in self.tied_heads.items():
+            if not isinstance(head, str) or not isinstance(embedding, str) or embedding not in self.layer_ranks:
+                raise ValueError(f"LittleBitConfig: tied_heads[{head!r}] must name a converted embedding of "
+                                 f"layer_ranks, got {embedding!r}")
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")

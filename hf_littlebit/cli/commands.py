@@ -98,8 +98,13 @@ def auto_allocation_fits(path: str, config) -> bool:
     defaults = HfQuantizer.get_modules_to_not_convert(model, None, keep_fp32)
     skips = resolve_modules_to_not_convert(model, config, defaults)
     plans = plan_conversion(model, config, skips, pre_quantized=False)
+    budget = auto_budget_bits(plans, config)
+    if config.whole_model:
+        from ..quantize.whole_model import whole_model_budget
+
+        plans, budget, _ = whole_model_budget(model, config, plans)
     need = min_rank_bits(((p.in_features, p.out_features) for p in plans), config.residual, config.min_rank)
-    return need <= auto_budget_bits(plans, config)
+    return need <= budget
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -140,7 +145,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     def make_config(fields: dict[str, Any], allocation: str) -> LittleBitConfig:
         return LittleBitConfig(bpw=args.bpw, residual=args.residual, seed=args.seed, allocation=allocation,
-                               itq_iterations=args.itq_iterations, **fields)
+                               itq_iterations=args.itq_iterations, whole_model=args.whole_model, **fields)
 
     make_config(explicit, args.allocation or "uniform")  # bad arguments fail before any work
     path = resolve_model(args.model, args.cache_dir)
@@ -158,7 +163,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out or Path("littlebit-out") / f"{label}-{args.bpw:g}bpw")
     result: dict[str, Any] = {"model": args.model or "smollm2-135m-instruct (bundled)", "model_path": path,
                               "method": args.method, "allocation": config.allocation, "residual": config.residual,
-                              "bpw_target": args.bpw,
+                              "bpw_target": args.bpw, "whole_model": args.whole_model,
                               "calibrated": calibration is not None}
     if recipe is not None:
         result["recipe"] = recipe.name

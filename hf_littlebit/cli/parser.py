@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dbf-iterations", type=int, default=None,
                    help="outer ADMM alternations of dbf, iterations of lbadmm (default: the recipe's, 30 for a CPU; "
                         "the library default is 100)")
+    q.add_argument("--whole-model", action="store_true",
+                   help="also pack the input embedding and the LM head (tied ones stored once); --bpw then budgets "
+                        "every parameter of the model, norms and biases included")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

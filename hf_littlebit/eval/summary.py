@@ -10,6 +10,7 @@ from torch import nn
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from ..format.budget import paper_bpw
+from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
 from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, expert_group
 from ..nn.layer import littlebit_layers
 
@@ -25,6 +26,7 @@ class LayerReport:
     bpw_paper: float  # the paper's accounting (no padding)
     bpw_true: float  # signs incl. padding + every scale vector, as stored
     bytes: int  # packed factors + scales + bias, as stored
+    kind: str = "linear"  # "embedding", or "embedding+head" when an LM head reuses its packed tensors
 
 
 @dataclass
@@ -83,6 +85,9 @@ class ModelSummary:
     # Conv1D...), not an embedding, not in modules_to_not_convert. Name → number of parameters.
     unconverted: dict[str, int] = field(default_factory=dict)
     unconverted_share: float = 0.0  # their share of all parameters
+    # whole_model=True: the embedding (and the LM head) are packed too, and bpw_target is the budget of
+    # bpw_whole_model rather than of bpw_true.
+    whole_model: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,8 +100,9 @@ class ModelSummary:
             group = expert_group(r.name)
             if group is None:
                 shape = f"{r.out_features}x{r.in_features}"
+                label = r.name if r.kind == "linear" else f"{r.name} [{r.kind}]"
                 lines.append(
-                    f"{r.name[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
+                    f"{label[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
                     f"{r.bpw_paper:>7.3f} {r.bpw_true:>7.3f} {r.bytes / 1024:>9.1f}"
                 )
             elif group in groups:  # one row per experts projection: E x shape, rank range, true bpw of all E
@@ -115,9 +121,11 @@ class ModelSummary:
             f"{self.bpw_target:>7.3f} {self.bpw_paper:>7.3f} {self.bpw_true:>7.3f} {self.converted_bytes / 1024:>9.1f}"
         )
         ratio = self.model_bytes_fp16 / self.model_bytes if self.model_bytes else float("nan")
+        scope = ("embedding and LM head packed, target " + f"{self.bpw_target:g}" if self.whole_model
+                 else "embedding and LM head dense")
         lines.append(
-            f"whole model: {self.model_bytes / 2**20:.2f} MiB, {self.bpw_whole_model:.2f} bits per parameter "
-            f"(dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, {ratio:.1f}x smaller)"
+            f"whole model ({scope}): {self.model_bytes / 2**20:.2f} MiB, {self.bpw_whole_model:.2f} bits per "
+            f"parameter (dense fp16: {self.model_bytes_fp16 / 2**20:.2f} MiB, {ratio:.1f}x smaller)"
         )
         if self.unconverted:
             first = next(iter(self.unconverted))
@@ -163,6 +171,7 @@ def summary(model: nn.Module) -> ModelSummary:
     paper_bits = 0.0
     stored = 0
     layers = littlebit_layers(model)
+    tied = {id(m.embedding) for m in model.modules() if isinstance(m, LittleBitTiedHead)}
     for name, layer in layers.items():
         dense = layer.in_features * layer.out_features
         bias_bytes = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
@@ -173,6 +182,8 @@ def summary(model: nn.Module) -> ModelSummary:
                 paths=len(layer.path_prefixes), bpw_target=target,
                 bpw_paper=paper_bpw(layer.in_features, layer.out_features, layer.rank, layer.residual),
                 bpw_true=bits / dense, bytes=bits // 8 + bias_bytes,
+                kind=("embedding+head" if id(layer) in tied else "embedding")
+                if isinstance(layer, LittleBitEmbedding) else "linear",
             )
         )
         report.converted_params += dense
@@ -202,6 +213,7 @@ def summary(model: nn.Module) -> ModelSummary:
             report.model_bytes_quantized_fp16 += nbytes
     if report.model_params:
         report.bpw_whole_model = 8 * report.model_bytes / report.model_params
+    report.whole_model = any(r.kind != "linear" for r in report.layers)
     skip = list(getattr(cfg, "modules_to_not_convert", None) or [])
     report.unconverted = unconverted_weights(model, layers, skip)
     report.unconverted_share = sum(report.unconverted.values()) / total_params if total_params else 0.0

@@ -55,6 +55,10 @@ def model_card(model: nn.Module, base_model: str | None = None) -> str:
     report = summary(model)
     base = base_model or getattr(model.config, "_name_or_path", None) or "unknown"
     tags = ["littlebit", "quantized", "binary-factorization", f"{report.bpw_true:.2f}-bpw"]
+    if report.whole_model:
+        tags.append("whole-model")
+    scope = ("the embedding and LM head are packed too; the target budgets every parameter" if report.whole_model
+             else "embeddings, LM head and norms as stored")
     meta = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
     if base != "unknown" and not os.path.isdir(base):
         meta.append(f"base_model: {base}")
@@ -69,9 +73,9 @@ This model was compressed with [hf-littlebit](https://pypi.org/project/hf-little
 |---|---|
 | base model | `{base}` |
 | method | `{cfg.method}` |
-| target bpw | {cfg.bpw} |
+| target bpw | {cfg.bpw}{" (whole model)" if report.whole_model else ""} |
 | true bpw (converted layers) | {report.bpw_true:.4f} |
-| whole model, bits per parameter | {report.bpw_whole_model:.2f} (embeddings, LM head and norms as stored) |
+| whole model, bits per parameter | {report.bpw_whole_model:.3f} ({scope}) |
 | residual path | {cfg.residual} |
 | converted layers | {len(report.layers)} |
 | model size | {report.model_bytes / 2**20:.1f} MiB (dense fp16: {report.model_bytes_fp16 / 2**20:.1f} MiB) |

@@ -21,6 +21,7 @@ from transformers.utils import logging
 
 from ..config import FORMAT_VERSION, LittleBitConfig
 from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
+from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
 from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, merge_experts_
 from ..nn.layer import LittleBitLinear, littlebit_layers
 from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
@@ -28,6 +29,7 @@ from ..quantize.convert import convert_model_
 from ..quantize.experts import quantize_fused_, recorded_expert_modules, split_model_experts_
 from ..quantize.layers import note_data_free, quantize_layer_, replace_linears
 from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert, warn_unconverted
+from ..quantize.whole_model import attach_tied_heads, retie
 from .checkpoint import check_checkpoint_tensors
 
 logger = logging.get_logger(__name__)
@@ -120,9 +122,10 @@ class LittleBitHfQuantizer(HfQuantizer):
     @property
     def converts_after_load(self) -> bool:
         """Quantize the whole loaded fp model at once instead of layer by layer during loading: block-wise
-        calibration needs the model, and the global allocator needs every layer's spectrum before any rank is set."""
+        calibration needs the model, the global allocator needs every layer's spectrum before any rank is set, and
+        ``whole_model`` needs the loaded (tied) embedding and head."""
         cfg = self.quantization_config
-        return not self.pre_quantized and (cfg.calibration is not None or cfg.allocation == "auto")
+        return not self.pre_quantized and (cfg.calibration is not None or cfg.allocation == "auto" or cfg.whole_model)
 
     def _process_model_before_weight_loading(
         self, model: torch.nn.Module, checkpoint_files: list[str] | None = None, **kwargs: Any
@@ -142,6 +145,7 @@ class LittleBitHfQuantizer(HfQuantizer):
             cfg.layer_ranks = {p.name: p.rank for p in plans}
             warn_unconverted(model, plans, cfg.modules_to_not_convert)
         replace_linears(model, plans, cfg, with_fp_weight=not self.pre_quantized)
+        attach_tied_heads(model, cfg)  # whole_model: the tied LM head over the packed embedding, ties dropped
         if self.pre_quantized:
             check_checkpoint_tensors(model, checkpoint_files)
         self._n_layers = len(plans)
@@ -257,9 +261,16 @@ class LittleBitHfQuantizer(HfQuantizer):
         )
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ``, and every split
-        experts module by its architecture's fused experts module holding the experts' ``Ŵ``."""
+        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ`` (a packed
+        embedding by an ``nn.Embedding``, a head tied to it by an ``nn.Linear`` sharing its weight, tie restored), and
+        every split experts module by its architecture's fused experts module holding the experts' ``Ŵ``."""
+        tied = {name: m for name, m in model.named_modules() if isinstance(m, LittleBitTiedHead)}
+        dense_embeddings = {}
         for name, layer in littlebit_layers(model).items():
+            if isinstance(layer, LittleBitEmbedding):
+                dense_embeddings[id(layer)] = layer.dense_module(dtype)
+                model.set_submodule(name, dense_embeddings[id(layer)])
+                continue
             device = layer.h.device
             out_dtype = dtype or (layer.bias.dtype if layer.bias is not None else torch.float32)
             dense = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
@@ -272,6 +283,13 @@ class LittleBitHfQuantizer(HfQuantizer):
         for module in list(model.modules()):  # split experts: fused Ŵ tensors and the architecture's own class
             if isinstance(module, LittleBitExperts):
                 merge_experts_(module, lambda layer: layer.weight.detach())
+        for name, head in tied.items():
+            emb = dense_embeddings[id(head.embedding)]
+            linear = torch.nn.Linear(emb.embedding_dim, emb.num_embeddings, bias=False, device="meta")
+            linear.weight = emb.weight
+            model.set_submodule(name, linear)
+        if tied:
+            retie(model)
         return model
 
 

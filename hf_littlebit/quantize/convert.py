@@ -17,9 +17,10 @@ from ..nn.layer import littlebit_layers
 from .calibration import calibration_tokens, describe_source
 from .experts import split_model_experts_
 from .layers import new_littlebit_layer, note_data_free, quantize_layer_
-from .plan import allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
+from .plan import LayerPlan, allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
+from .whole_model import convert_late_, whole_model_plans
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -57,7 +58,12 @@ def convert_model_(
     progress: bool = True,
 ) -> ReconstructionResult | None:
     """Replace every planned ``nn.Linear`` of a loaded fp model by a packed layer; shared by :func:`quantize` and the
-    HF quantizer's calibrated path. Returns the reconstruction report when calibrating."""
+    HF quantizer's calibrated path. Returns the reconstruction report when calibrating.
+
+    With ``config.whole_model`` the embedding and the LM head are planned and budgeted with the linears
+    (:mod:`hf_littlebit.quantize.whole_model`) but converted last: after the block-wise pass (whose block inputs
+    therefore come from the fp embedding), before the end-to-end phase, which tunes their scales too while the
+    teacher's logits still come from the fp head."""
     if littlebit_layers(model):
         raise ValueError("the model already holds LittleBit layers; quantize the full-precision model instead")
     default_skips = HfQuantizer.get_modules_to_not_convert(
@@ -68,9 +74,15 @@ def convert_model_(
     split_model_experts_(model, config.modules_to_not_convert)
     plans = plan_conversion(model, config, config.modules_to_not_convert, pre_quantized=False)
     warn_unconverted(model, plans, config.modules_to_not_convert)
-    if config.allocation == "auto":
+    late: list[LayerPlan] = []  # whole model: the embedding and the LM head, converted after everything else
+    if config.whole_model:
+        plans, config.tied_heads = whole_model_plans(model, config, plans)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        late = [p for p in plans if p.kind == "embedding" or model.get_submodule(p.name) is head]
+        plans = [p for p in plans if p not in late]
+    elif config.allocation == "auto":
         plans = allocate_plans(model, plans, config)
-    config.layer_ranks = {p.name: p.rank for p in plans}
+    config.layer_ranks = {p.name: p.rank for p in [*plans, *late]}
 
     if calibration is None:
         note_data_free(config)
@@ -82,6 +94,7 @@ def convert_model_(
             model.set_submodule(plan.name, layer)
             bar.update(1)
         bar.close()
+        convert_late_(model, late, config)
         return None
 
     if tokenizer is None and not isinstance(calibration, torch.Tensor):
@@ -100,7 +113,7 @@ def convert_model_(
     model.requires_grad_(False)
     try:
         result = BlockReconstructor(model, config, plans, tokens, opts, work_dir=work_dir, resume=resume,
-                                    progress=progress).run()
+                                    progress=progress, late_plans=late).run()
     finally:
         model.train(was_training)
         for name, p in model.named_parameters():

@@ -14,6 +14,7 @@ from transformers.utils import logging
 
 from ..config import LittleBitConfig
 from ..factorize import FactorPath, factorize
+from ..nn.embedding import LittleBitEmbedding
 from ..nn.experts import expert_group
 from ..nn.layer import LittleBitLinear
 from .plan import LayerPlan
@@ -78,11 +79,17 @@ def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: Littl
 
 
 def new_littlebit_layer(
-    plan: LayerPlan, config: LittleBitConfig, dense: nn.Linear, device: torch.device | str | None = None,
+    plan: LayerPlan, config: LittleBitConfig, dense: nn.Linear | nn.Embedding, device: torch.device | str | None = None,
     with_fp_weight: bool = False,
 ) -> LittleBitLinear:
     """An empty (zero) frozen ``LittleBitLinear`` for ``plan`` on ``device``, carrying ``dense``'s bias (not on the
-    meta device). ``with_fp_weight`` keeps a meta ``weight`` placeholder for the quantize-on-load op."""
+    meta device). ``with_fp_weight`` keeps a meta ``weight`` placeholder for the quantize-on-load op. An
+    ``"embedding"`` plan gives a :class:`LittleBitEmbedding` shaped like ``dense`` (never with a placeholder:
+    whole-model conversion runs after loading)."""
+    if plan.kind == "embedding":
+        emb = LittleBitEmbedding.like(dense, plan.rank, config.residual, config.torch_scale_dtype, device=device)
+        emb.backend = config.backend
+        return emb.requires_grad_(False)
     layer = LittleBitLinear(
         plan.in_features, plan.out_features, plan.rank, bias=plan.bias, residual=config.residual,
         scale_dtype=config.torch_scale_dtype, device=device,

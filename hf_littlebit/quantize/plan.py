@@ -29,6 +29,7 @@ class LayerPlan:
     out_features: int
     rank: int
     bias: bool
+    kind: str = "linear"  # or "embedding": an nn.Embedding (in = embedding_dim, out = num_embeddings)
 
 
 def tied_module_names(model: nn.Module) -> set[str]:
@@ -39,7 +40,13 @@ def tied_module_names(model: nn.Module) -> set[str]:
 
 
 def resolve_modules_to_not_convert(model: nn.Module, config: LittleBitConfig, default_skips: list[str]) -> list[str]:
-    """The user's list (or the defaults: LM head, output embedding), always plus tied modules; sorted."""
+    """The user's list (or the defaults: LM head, output embedding), always plus tied modules; sorted.
+
+    With ``whole_model`` the head and the embedding are converted too: the defaults are only the modules the model
+    keeps in fp32, and tied modules are not skipped (:mod:`hf_littlebit.quantize.whole_model` handles the tie)."""
+    if config.whole_model:
+        keep_fp32 = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        return sorted(set(keep_fp32) if config.modules_to_not_convert is None else set(config.modules_to_not_convert))
     skip = set(default_skips) if config.modules_to_not_convert is None else set(config.modules_to_not_convert)
     skip |= tied_module_names(model)
     return sorted(skip)
@@ -59,8 +66,13 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
                 "this littlebit checkpoint records no layer ranks in its quantization_config; it is corrupt or was "
                 "written by an incompatible tool. Re-quantize the full-precision model."
             )
+        embeddings = {name: m for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
         for name, rank in config.layer_ranks.items():
             module = linears.get(name)
+            if module is None and config.whole_model and name in embeddings:
+                emb = embeddings[name]
+                plans.append(LayerPlan(name, emb.embedding_dim, emb.num_embeddings, rank, False, "embedding"))
+                continue
             if module is None:
                 raise LittleBitCheckpointError(
                     f"quantization_config.layer_ranks names {name!r}, which is not an nn.Linear of "
@@ -83,6 +95,8 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
         if choice.capped:
             capped.append(name)
         plans.append(LayerPlan(name, module.in_features, module.out_features, choice.rank, module.bias is not None))
+    if config.whole_model:  # these ranks are provisional: whole_model_plans re-chooses them under the model budget
+        floored, capped = [], []
     if floored:
         logger.warning(
             f"LittleBit: {len(floored)} layer(s) are too small for bpw={config.bpw} and use min_rank={config.min_rank} "

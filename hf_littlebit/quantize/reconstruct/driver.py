@@ -48,6 +48,7 @@ from ..activation_stats import InputSecondMoments
 from ..fisher import CurvatureStats, gradient_second_moments
 from ..layers import factorize_for_layer, new_littlebit_layer
 from ..plan import LayerPlan
+from ..whole_model import convert_late_
 from .block_fit import evaluate_block, mitigate_block, optimise_block
 from .capture import block_output, capture_block_inputs, find_blocks
 from .end_to_end import tune_end_to_end
@@ -87,8 +88,10 @@ class BlockReconstructor:
         work_dir: str | os.PathLike | None = None,
         resume: bool = False,
         progress: bool = True,
+        late_plans: list[LayerPlan] | None = None,
     ) -> None:
         self.model = model
+        self.late_plans = list(late_plans or [])  # whole_model: embedding and LM head, converted after the blocks
         self.config = config
         self.plans = {p.name: p for p in plans}
         self.tokens = tokens
@@ -204,11 +207,15 @@ class BlockReconstructor:
                 inputs, fp_inputs = self._run_block(index, inputs, fp_inputs, kwargs[index], bar)
             bar.close()
             self._convert_outside_blocks()
-            if self.opts.e2e_steps > 0 and fp_inputs is not None:
-                layers = [self.model.get_submodule(name) for name in self.plans]
+            end_to_end = self.opts.e2e_steps > 0 and fp_inputs is not None
+            teacher_head = self._convert_late(keep_fp_head=end_to_end)
+            if end_to_end:
+                names = [*self.plans, *(p.name for p in self.late_plans)]
+                layers = [self.model.get_submodule(name) for name in names]
                 self.result.end_to_end = tune_end_to_end(
                     self.model, self.blocks[-1], layers, self.tokens, fp_inputs, self.opts,
                     seed=self.config.seed * 1_000_003 + len(self.blocks), progress=self.progress,
+                    teacher_head=teacher_head,
                 )
         finally:
             bar.close()
@@ -228,6 +235,22 @@ class BlockReconstructor:
                                                    output_importance=self._output_importance(plan.name)))
             self.model.set_submodule(plan.name, layer)
             self.result.outside_blocks.append(plan.name)
+
+    def _convert_late(self, keep_fp_head: bool) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
+        """``whole_model``: pack the embedding and the LM head (data-free) now that every block is fitted (their
+        scales are tuned by the end-to-end phase). Returns the fp head's name, weight and bias when
+        ``keep_fp_head``, so the end-to-end teacher's logits keep coming from the fp head."""
+        if not self.late_plans:
+            return None
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        teacher = None
+        if keep_fp_head and isinstance(getattr(head, "weight", None), torch.Tensor):
+            name = next(n for n, m in self.model.named_modules() if m is head)
+            bias = getattr(head, "bias", None)
+            teacher = (name, head.weight.detach(), bias.detach() if bias is not None else None)
+        convert_late_(self.model, self.late_plans, self.config)
+        self.result.outside_blocks.extend(p.name for p in self.late_plans)
+        return teacher
 
     def _run_block(
         self, index: int, inputs: ActivationStore, fp_inputs: ActivationStore | None, kwargs: dict, bar,

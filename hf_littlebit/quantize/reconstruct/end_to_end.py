@@ -33,7 +33,8 @@ class _AppendTeacher:
 
     The model's head (final norm, ``lm_head``, soft-capping... whatever follows the blocks) then computes the
     teacher's logits in the same pass as the student's, without an fp copy of the model: only the fp hidden states
-    after the last block are kept, and the head is not quantized.
+    after the last block are kept. A packed ``lm_head`` (``whole_model``) is wrapped for the phase by
+    :class:`_TeacherHead`, so the teacher's rows still meet the fp head.
     """
 
     def __init__(self) -> None:
@@ -45,6 +46,28 @@ class _AppendTeacher:
         hidden = output[0] if isinstance(output, tuple | list) else output
         both = torch.cat([hidden, self.teacher.to(device=hidden.device, dtype=hidden.dtype)], dim=0)
         return (both, *output[1:]) if isinstance(output, tuple | list) else both
+
+
+class _TeacherHead(nn.Module):
+    """The LM head during the phase when the model's own head is packed (``whole_model``): the packed head for the
+    student's rows, the fp head's weight for the teacher's rows that :class:`_AppendTeacher` appended, so the
+    teacher's distribution is the fp model's."""
+
+    def __init__(self, head: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, hook: _AppendTeacher
+                 ) -> None:
+        super().__init__()
+        self.head = head
+        self.__dict__["fp"] = (weight, bias)  # not parameters: never trained, never saved
+        self.__dict__["hook"] = hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.hook.teacher.shape[0] if self.hook.teacher is not None else 0
+        if n == 0:
+            return self.head(x)
+        student = self.head(x[:-n])
+        weight, bias = self.fp
+        teacher = nn.functional.linear(x[-n:].to(weight.dtype), weight, bias)
+        return torch.cat([student, teacher.to(student.dtype)], dim=0)
 
 
 def _student_and_teacher_logits(model: nn.Module, hook: _AppendTeacher, ids: torch.Tensor, teacher: torch.Tensor
@@ -60,12 +83,15 @@ def _student_and_teacher_logits(model: nn.Module, hook: _AppendTeacher, ids: tor
 def tune_end_to_end(
     model: nn.Module, last_block: nn.Module, layers: list[LittleBitLinear], tokens: torch.Tensor,
     teacher_hidden: ActivationStore, opts: ReconstructionOptions, seed: int, progress: bool = True,
-    eval_batches: int = 4,
+    eval_batches: int = 4, teacher_head: tuple[str, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> EndToEndReport:
     """Tune the scales of ``layers`` (packed on entry and on return) so the model's next-token distribution on
     ``tokens`` matches the teacher's, given the fp model's outputs of ``last_block`` for each batch of
     ``len(tokens) // len(teacher_hidden)`` sequences. Adam with per-tensor relative learning rates, cosine schedule;
-    the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting)."""
+    the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting).
+
+    ``teacher_head`` (name, fp weight, fp bias): the model's head is packed (``whole_model``); the teacher's rows go
+    through this fp head instead, while the packed head (and embedding, when among ``layers``) are tuned."""
     t0 = time.perf_counter()
     device = next(p.device for p in model.parameters() if not p.is_meta)
     batch = tokens.shape[0] // len(teacher_hidden)
@@ -73,6 +99,11 @@ def tune_end_to_end(
     hook = _AppendTeacher()
     handle = last_block.register_forward_hook(hook)
     norms = norm_params(model) if opts.tune_norms else []
+    packed_head = None
+    if teacher_head is not None:
+        head_name, weight, bias = teacher_head
+        packed_head = model.get_submodule(head_name)
+        model.set_submodule(head_name, _TeacherHead(packed_head, weight, bias, hook))
     try:
         for layer in layers:
             layer.make_trainable_(estimator=opts.estimator, alpha=opts.alpha)
@@ -104,6 +135,8 @@ def tune_end_to_end(
         after = measure()
     finally:
         handle.remove()
+        if packed_head is not None:
+            model.set_submodule(teacher_head[0], packed_head)
         for p in norms:
             p.requires_grad_(False)
         for layer in layers:
