@@ -9,7 +9,9 @@ plain implementation of the published algorithm, written for this benchmark:
   quantized left to right in lazy batches of 128, each column's rounding error spread over the columns not yet
   quantized through that factor (the optimal-brain-surgeon update);
 - asymmetric min–max round-to-nearest with one fp16 scale and one fp16 zero per group of ``group`` input columns per
-  row (stored bits counted as ``nbits`` per weight + 32 per group, the same accounting as the HQQ rows).
+  row (stored bits counted as ``nbits`` per weight + 32 per group, the same accounting as the HQQ rows). One
+  deviation from the reference code: a group's grid is taken from its columns *after* the error updates of the
+  current lazy batch (the reference takes it before them); CPU only (Hessians on the CPU).
 
 ``gptq_(model, tokens, nbits, group)`` quantizes in place (fake-quantized fp weights) and returns
 ``(stored bits, weights)`` of the decoder Linears (LM head untouched, like the LittleBit rows).

@@ -30,7 +30,8 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     assert not (tmp_path / "q.work").exists()  # per-block checkpoints are removed once the model is saved
     assert result["eval_tokens"] == 4 * 31 and result["bpw_target"] == 1.0
     assert result["method"] == "lbadmm" and result["allocation"] == "auto"  # the calibrated default (demo recipe)
-    assert result["recipe"] == "demo" and result["sample_prompt"] and isinstance(result["sample_quantized"], str)
+    assert result["recipe"] == "demo" and result["sample_prompt"] == "The capital of France is"
+    assert result["sample_fp"] and result["sample_quantized"]  # both models' greedy continuations
     assert result["model_bytes_quantized"] < result["model_bytes_fp"]
     weights = sum(f.stat().st_size for f in out_dir.glob("*.safetensors"))
     assert result["checkpoint_bytes"] == weights > 0
@@ -145,7 +146,10 @@ def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer
     longest = max(RECIPES, key=lambda r: r.minutes)
     assert result["recipe"] == longest.name and result["calib_samples"] == 4 and result["steps_per_block"] == 2
     saved = json.loads((out_dir / "config.json").read_text())["quantization_config"]
-    assert saved["calibration_lr"] == longest.fields.get("calibration_lr", saved["calibration_lr"])
+    kept = {k: v for k, v in longest.fields.items()
+            if k not in ("calibration_samples", "calibration_seqlen", "calibration_steps", "calibration_e2e_steps")}
+    assert kept and all(saved[k] == v for k, v in kept.items())  # the recipe's own fields reach the config
+    assert saved["calibration_samples"] == 4 and saved["calibration_e2e_steps"] == 0  # ... and the flags win
     # scaled to a model 100× SmolLM2's size, a 30-minute budget fits no recipe: a clear error, not a silent choice
     with pytest.raises(ValueError, match="below the shortest recipe"):
         recipe_for_budget(30, 100 * 134_515_008)
@@ -153,3 +157,18 @@ def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer
     with pytest.raises(SystemExit):  # argparse: a budget and a named recipe exclude each other
         run(capsys, "quantize", tiny_with_tokenizer, "--budget-minutes", "5", "--recipe", "demo")
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_explicit_flags_override_the_recipe_and_data_free_ignores_it(capsys, tiny_with_tokenizer, fake_cache, tmp_path):
+    code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0", "--json",
+                         "--out", tmp_path / "a", "--calib-samples", "2", "--calib-seqlen", "16", "--steps", "1",
+                         "--e2e-steps", "0", "--mitigation-steps", "0", "--no-fisher", "--method", "dbf")
+    assert code == 0, err
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
+    assert saved["method"] == "dbf" and saved["calibration_mitigation_steps"] == 0
+    assert saved["calibration_fisher"] is False
+    code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0", "--json",
+                         "--out", tmp_path / "b", "--no-calibrate", "--recipe", "standard", "--mitigation-steps", "3")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["calibrated"] is False and result["method"] == "littlebit" and "recipe" not in result

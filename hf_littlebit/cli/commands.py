@@ -77,7 +77,8 @@ def measure(model, tokenizer, text: str, args: argparse.Namespace) -> dict[str, 
     ids = tokenizer(SAMPLE_PROMPT, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=SAMPLE_TOKENS, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                             else tokenizer.eos_token_id)
     sample = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     return {**res.to_dict(), "seconds": seconds, "sample": sample}
 
@@ -151,6 +152,15 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model(args.model, args.cache_dir)
     calibration = calibration_text(args)
     if calibration is None:  # data-free: no recipe; Dual-SVID unless asked otherwise
+        unused = [flag for flag, value in (("--recipe", args.recipe), ("--budget-minutes", args.budget_minutes),
+                                           ("--mitigation-steps", args.mitigation_steps), ("--fisher", args.fisher),
+                                           ("--steps", args.steps), ("--e2e-steps", args.e2e_steps))
+                  if value is not None]
+        if unused:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.get_logger("hf_littlebit.cli").warning(
+                f"quantizing data-free: {', '.join(unused)} only apply to calibration and are ignored")
         fields = {"method": "littlebit", "dbf_iterations": 30, **explicit}
         recipe = None
     else:
@@ -234,7 +244,8 @@ def cmd_eval(args: argparse.Namespace) -> dict[str, Any]:
 
     path = resolve_model(args.model, args.cache_dir)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype))
-    res = {"model": path, **measure(model, load_tokenizer(path), test_text(args.cache_dir), args)}
+    res = {"model": path, **measure(model, load_tokenizer(path), test_text(args.cache_dir), args),
+           "sample_prompt": SAMPLE_PROMPT}
     if littlebit_layers(model):
         res["bpw_true"] = summary(model).bpw_true
     return res

@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--itq-iterations", type=int, default=50, help="Joint-ITQ iterations of littlebit2")
     q.add_argument("--residual", action=argparse.BooleanOptionalAction, default=None,
                    help="two binary paths (--residual) or one (--no-residual); default: the method's own choice "
-                        "(on for littlebit/littlebit2, off for dbf)")
+                        "(on for littlebit/littlebit2, off for dbf/lbadmm)")
     q.add_argument("--allocation", default=None, choices=["uniform", "auto"],
                    help="same bpw in every layer, or one model-wide budget spread by each layer's spectrum; "
-                        "default: auto for dbf (its own rank rule overshoots the target by ~10%%), else uniform")
+                        "default: auto for dbf/lbadmm (it spends the budget to the bit; DBF's own rank rule "
+                        "overshoots it by ~10%%), else uniform")
     q.add_argument("--dbf-iterations", type=int, default=None,
                    help="outer ADMM alternations of dbf, iterations of lbadmm (default: the recipe's, 30 for a CPU; "
                         "the library default is 100)")
@@ -55,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget = q.add_mutually_exclusive_group()
     budget.add_argument("--recipe", choices=[r.name for r in RECIPES], default=None,
                         help=f"calibration recipe (default {DEFAULT_RECIPE}); measured on SmolLM2-135M, 2 CPU cores: "
-                             f"{recipes}. Flags below override single settings")
+                             f"{recipes}. --method, --dbf-iterations and the calibration flags override single "
+                             "settings")
     budget.add_argument("--budget-minutes", type=float, default=None,
-                        help="pick the best recipe that fits this many minutes of quantization (scaled by the "
+                        help="pick the longest recipe that fits this many minutes of quantization (scaled by the "
                              "model's parameter count from the SmolLM2 measurements)")
     q.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (recipe: 32 or 128)")
     q.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration sequence (recipe: 256)")

@@ -1,10 +1,12 @@
 """Calibration recipes by time budget: what ``littlebit quantize --budget-minutes M`` (or ``--recipe NAME``) runs.
 
 Each recipe is a set of :class:`~hf_littlebit.LittleBitConfig` fields whose result and wall time were measured on the
-bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md, section "Post-training recipes"). A budget picks the best
-recipe whose time, scaled by the model's parameter count (the time of every phase grows about linearly with it),
-fits; explicit command-line flags override single fields of the chosen recipe. Without a budget the command runs
-:data:`DEFAULT_RECIPE`, the one the README's main job promises (~11 minutes).
+bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md). A budget picks the longest recipe whose time, scaled by the
+model's parameter count (the time of every phase grows about linearly with it), fits — longer recipes use more data
+and steps, but the two were measured at different bpw (``measured`` says which), so "longer" is not yet shown to be
+better at every rate. Explicit command-line flags override single fields of the chosen recipe (and are not counted
+in its time). Without a budget the command runs :data:`DEFAULT_RECIPE`, the one the README's main job uses (~10
+minutes).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def recipe_named(name: str) -> Recipe:
 
 
 def recipe_for_budget(minutes: float, params: int) -> Recipe:
-    """The longest (best measured) recipe whose time, scaled to ``params`` parameters, fits in ``minutes``."""
+    """The longest recipe whose measured time, scaled to ``params`` parameters, fits in ``minutes``."""
     scale = params / REFERENCE_PARAMS
     fitting = [r for r in RECIPES if r.minutes * scale <= minutes]
     if not fitting:

@@ -15,7 +15,9 @@ warm-up):
 - the duals start at ``start − P(start)`` (not zero), so the first x-steps already pull toward the proxies;
 - the latents handed to block reconstruction are the *continuous* ADMM variables ``factor + Λ`` (column-normalised),
   not the ±1 proxies: their magnitudes say how sure each sign is, so the straight-through fit flips the unsure
-  entries first.
+  entries first. They stay in the preconditioned space (row ``i`` of ``U`` carries ``D_out[i]``, row ``j`` of ``V``
+  ``D_in[j]``), as the latents of every other factoriser here do; NanoQuant divides the preconditioners back out of
+  its latents, which changes no sign, only which entries a latent-space step reaches first.
 
 The preconditioning ``diag(D_out) · W · diag(D_in)`` of the method is :func:`hf_littlebit.factorize.factorize`'s
 ``output_importance`` / ``input_importance``: this module only sees the already-weighted matrix. Plain tensors in, a

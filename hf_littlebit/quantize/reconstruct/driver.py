@@ -137,9 +137,17 @@ class BlockReconstructor:
             dense = self.model.get_submodule(plan.name)
             if trainable and mitigate is not None:
                 rest = [self.model.get_submodule(p.name) for p in plans[j:]]
-                mitigate_block(self.blocks[index], rest, mitigate.inputs, mitigate.targets, mitigate.kwargs,
-                               self.opts, seed=(self.config.seed * 1_000_003 + index) * 64 + j, device=self.device,
-                               weight=mitigate.weight)
+                # the layers factorised before this one are not tuned here: no gradient is computed for them
+                flags = [(p, p.requires_grad) for layer in layers for p in layer.parameters()]
+                for p, _ in flags:
+                    p.requires_grad_(False)
+                try:
+                    mitigate_block(self.blocks[index], rest, mitigate.inputs, mitigate.targets, mitigate.kwargs,
+                                   self.opts, seed=(self.config.seed * 1_000_003 + index) * 64 + j,
+                                   device=self.device, weight=mitigate.weight)
+                finally:
+                    for p, flag in flags:
+                        p.requires_grad_(flag)
             layer = new_littlebit_layer(plan, self.config, dense, device=self.device)
             if trainable:
                 paths = factorize_for_layer(dense.weight, plan, self.config,
