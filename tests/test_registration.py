@@ -59,8 +59,14 @@ def test_our_kernels_folder_does_not_shadow_the_hf_kernels_library(tmp_path):
     assert results["with"] == results["without"]
     assert "hf_littlebit" not in str(results["with"]["origin"])
     assert hf_littlebit.kernels.__name__ == "hf_littlebit.kernels"
-    dist = importlib.metadata.distribution("hf-littlebit")
-    assert not any(str(f).startswith("kernels/") for f in dist.files or [])
+    # the installed distribution (site-packages), not a build's stray hf_littlebit.egg-info in the repository root,
+    # which older pip versions leave there and which lists the source tree
+    import site
+
+    dists = [d for d in importlib.metadata.distributions(path=site.getsitepackages())
+             if d.metadata["Name"] == "hf-littlebit"]
+    assert dists, "hf-littlebit is not installed in site-packages"
+    assert not any(str(f).startswith("kernels/") for d in dists for f in d.files or [])
 
 
 def test_no_script_folder_holds_a_module_named_like_the_hf_kernels_library():
