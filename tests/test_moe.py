@@ -228,6 +228,20 @@ def test_cpu_kernel_runs_the_hit_experts(moe_checkpoint, ids):
     torch.testing.assert_close(logits(packed, ids[:, :4]), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_triton_kernels_run_the_hit_experts_under_the_interpreter(moe_checkpoint, ids):
+    pytest.importorskip("triton", reason="triton is not installed")
+    pytest.importorskip("numpy", reason="the Triton interpreter needs numpy")
+    from hf_littlebit.backends.triton import interpreter_enabled
+
+    if not interpreter_enabled():
+        pytest.skip("needs TRITON_INTERPRET=1 (set by conftest.py)")
+    packed = AutoModelForCausalLM.from_pretrained(moe_checkpoint("qwen3_moe"), quantization_config=LittleBitConfig())
+    hf_littlebit.set_backend(packed, "torch")
+    expected = logits(packed, ids[:, :3])
+    hf_littlebit.set_backend(packed, "triton")
+    torch.testing.assert_close(logits(packed, ids[:, :3]), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_qat_trains_the_latent_expert_factors(moe_checkpoint, ids):
     packed = AutoModelForCausalLM.from_pretrained(moe_checkpoint("qwen3_moe"), quantization_config=LittleBitConfig())
     hf_littlebit.make_trainable(packed)
