@@ -2,8 +2,9 @@
 
     littlebit quantize [MODEL] --bpw 0.55 [--method M] [--allocation uniform|auto] [--[no-]residual] [--out DIR]
                        [--eval] [--max-tokens N] [--json]
-                       [--calibrate | --no-calibrate] [--calib-samples N] [--calib-seqlen L] [--steps S]
-                       [--work-dir DIR] [--resume]
+                       [--calibrate | --no-calibrate] [--recipe demo|standard | --budget-minutes M]
+                       [--calib-samples N] [--calib-seqlen L] [--steps S] [--mitigation-steps N] [--[no-]fisher]
+                       [--e2e-steps N] [--whole-model] [--work-dir DIR] [--resume]
     littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]
     littlebit info DIR [--json]
     littlebit fetch-assets [--cache-dir DIR]
