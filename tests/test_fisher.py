@@ -14,7 +14,7 @@ from hf_littlebit.quantize.reconstruct.block_fit import block_loss
 from hf_littlebit.quantize.reconstruct.capture import find_blocks
 
 from .conftest import make_tiny_model
-from .test_reconstruct import calib_tokens, cfg, logits
+from .test_reconstruct import assert_same_state, calib_tokens, cfg, logits
 
 
 def test_statistics_are_the_clipped_shrunk_mean_squared_output_gradient():
@@ -114,10 +114,7 @@ def test_fisher_calibration_runs_and_resumes_from_its_saved_statistics(tmp_path,
     resumed = hf_littlebit.quantize(make_tiny_model("llama"), config, calibration=tokens, work_dir=tmp_path / "run",
                                     resume=True, progress=False)
     assert resumed.hf_quantizer.reconstruction.resumed_from == 1
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_state(full, resumed)
     ids = calib_tokens(2, 24, seed=99)
     assert torch.equal(logits(full, ids), logits(resumed, ids))
     assert all(isinstance(m, LittleBitLinear) for n, m in resumed.named_modules() if n.endswith("q_proj"))

@@ -11,7 +11,7 @@ from hf_littlebit import LittleBitConfig
 from hf_littlebit.quantize.reconstruct import block_fit, driver
 
 from .conftest import make_tiny_model
-from .test_reconstruct import calib_tokens, cfg, logits
+from .test_reconstruct import assert_same_state, calib_tokens, cfg, logits
 
 
 def block_reports(config: LittleBitConfig):
@@ -70,10 +70,7 @@ def test_resume_after_an_interruption_inside_a_block_gives_the_identical_model(t
     resumed = hf_littlebit.quantize(make_tiny_model("llama"), config, calibration=tokens, work_dir=tmp_path / "run",
                                     resume=True, progress=False)
     assert resumed.hf_quantizer.reconstruction.resumed_from == 1
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_state(full, resumed)
     ids = calib_tokens(2, 24, seed=99)
     assert torch.equal(logits(full, ids), logits(resumed, ids))
 

@@ -29,6 +29,14 @@ def cfg(**kw) -> LittleBitConfig:
     return LittleBitConfig(**base)
 
 
+def assert_same_state(a_model, b_model) -> None:
+    """Both models hold the same tensors under the same names, bit for bit."""
+    a, b = a_model.state_dict(), b_model.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
 def logits(model, ids):
     with torch.no_grad():
         return model(input_ids=ids).logits
@@ -119,10 +127,7 @@ def test_resume_gives_the_same_model_as_an_uninterrupted_run(tmp_path, monkeypat
     resumed = hf_littlebit.quantize(make_tiny_model("llama"), cfg(), calibration=tokens, progress=False,
                                     work_dir=tmp_path / "run", resume=True)
     assert resumed.hf_quantizer.reconstruction.resumed_from == 1
-    a, b = full.state_dict(), resumed.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_state(full, resumed)
 
 
 def test_in_place_api_and_from_pretrained_agree_and_reload(fp_checkpoint, tmp_path):
@@ -131,10 +136,7 @@ def test_in_place_api_and_from_pretrained_agree_and_reload(fp_checkpoint, tmp_pa
     loaded = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg(calibration=tokens))
     in_place = hf_littlebit.quantize(AutoModelForCausalLM.from_pretrained(path), cfg(), calibration=tokens,
                                      progress=False)
-    a, b = loaded.state_dict(), in_place.state_dict()
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert_same_state(loaded, in_place)
     assert loaded.config.quantization_config.to_dict()["calibration"] is None  # data is never written
 
     in_place.save_pretrained(tmp_path / "saved")
