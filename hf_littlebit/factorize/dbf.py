@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import FactorPath, balance_scales, binary_sign
-from .dual_svid import rank1_nonnegative
+from .base import FactorPath, binary_sign
+from .dual_svid import rank1_nonnegative, svid_scales
 
 DEFAULT_ITERATIONS = 100
 DEFAULT_INNER = 3
@@ -83,8 +83,6 @@ def dbf(
         b, dual_b = bt.T, dual_bt.T
     # Final product: a_n @ b (b was solved against the column-normalised a). Both lie in the SVID set; split each
     # into (outer scale, sign, inner scale) and merge the two inner scales into l.
-    p_a, q_a = rank1_nonnegative(a_n.abs())
-    p_b, q_b = rank1_nonnegative(b.abs())
-    h, l, g = balance_scales(p_a, q_a * p_b, q_b)  # noqa: E741
+    h, l, g = svid_scales(a_n, b)  # noqa: E741
     # Latents: the factors themselves (their signs are the binary matrices; magnitudes help QAT pick what to flip).
     return FactorPath(u=a_n, v=b, h=h, l=l, g=g)

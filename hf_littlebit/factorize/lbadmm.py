@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from .base import FactorPath, balance_scales
+from .base import FactorPath
 from .dbf import svid_projection
-from .dual_svid import rank1_nonnegative
+from .dual_svid import svid_scales
 
 DEFAULT_ITERATIONS = 100
 DEFAULT_RIDGE = 0.03
@@ -86,10 +86,7 @@ def lb_admm(
         dual_b = t_b - z_b
     # The last B-step fitted W ≈ unit(Z_A) · Bᵀ: export that product. Each factor is sgn ⊙ p qᵀ; the two inner
     # scales merge into l.
-    a_n = _unit_columns(z_a)
-    p_a, q_a = rank1_nonnegative(a_n.abs())
-    p_b, q_b = rank1_nonnegative(z_b.abs())
-    h, l, g = balance_scales(p_a, q_a * q_b, p_b)  # noqa: E741 - Z_B is d_in × r
+    h, l, g = svid_scales(_unit_columns(z_a), z_b.T)  # noqa: E741
     # Latents: the continuous variables ``factor + Λ`` whose projections the proxies are (same signs by construction;
     # an exact zero gets a tiny positive magnitude so it keeps sgn(0) = +1 once normalised).
     u = _unit_columns(torch.where(t_a == 0, 1e-12, t_a))
