@@ -167,9 +167,11 @@ def _uniform_ranks(plans: list[LayerPlan], config: LittleBitConfig, budget: int,
     lo, hi = 1e-6, 16.0
     if bits(ranks_at(lo)) > budget:
         raise BudgetTooSmallError(
-            f"whole_model=True, bpw={config.bpw}: after the tensors that stay dense (norms, biases...) the budget "
+            f"whole_model=True, bpw={config.bpw}: after the tensors that stay dense (norms, biases...)"
+            f"{' and the group-quantized embedding' if config.embedding_bits else ''} the budget "
             f"leaves {max(budget, 0) / 1e6:.3f} Mbit for the converted matrices, less than min_rank={config.min_rank} "
             "in each needs; raise bpw, lower min_rank or use residual=False"
+            + (" (or lower embedding_bits)" if config.embedding_bits else "")
         )
     if bits(ranks_at(hi)) <= budget:
         return ranks_at(hi)
