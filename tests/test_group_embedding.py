@@ -54,7 +54,7 @@ def test_packing_round_trip_is_bit_exact(bits):
         words = pack_codes(codes, bits)
         assert words.dtype == torch.int32 and words.shape == (7, packed_code_width(cols, bits))
         assert packed_code_width(cols, bits) == -(-cols * bits // 32)  # k bits per entry, padding < one word
-        assert torch.equal(unpack_codes(words, cols, bits), codes)
+        assert torch.equal(unpack_codes(words, cols, bits).long(), codes)
 
 
 def test_packed_layout_is_one_lsb_first_bit_stream():

@@ -73,22 +73,27 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_codes(words: torch.Tensor, cols: int, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack_codes`: ``(rows, width)`` int32 → ``(rows, cols)`` int64 codes."""
+    """Inverse of :func:`pack_codes`: ``(rows, width)`` int32 → ``(rows, cols)`` int32 codes (int32 arithmetic
+    throughout: this runs on every lookup and on every chunk of a tied head)."""
     _check_bits(bits)
     if words.dtype != torch.int32 or words.dim() != 2 or words.shape[1] != packed_code_width(cols, bits):
         raise ValueError(f"unpack_codes: expected int32 words of shape (rows, {packed_code_width(cols, bits)}) for "
                          f"{cols} codes of {bits} bits, got {words.dtype} {tuple(words.shape)}")
     mask = (1 << bits) - 1
     if WORD_BITS % bits == 0:  # no code straddles a word: shift each word once per code it holds
-        per_word = WORD_BITS // bits
-        shifts = torch.arange(per_word, dtype=torch.int32, device=words.device) * bits
+        shifts = torch.arange(WORD_BITS // bits, dtype=torch.int32, device=words.device) * bits
         codes = (words.unsqueeze(-1) >> shifts) & mask  # arithmetic shift; the mask drops the sign copies
-        return codes.reshape(words.shape[0], -1)[:, :cols].to(torch.int64)
+        return codes.reshape(words.shape[0], -1)[:, :cols]
     word, offset = _positions(cols, bits, words.device)
-    unsigned = words.to(torch.int64) & 0xFFFFFFFF
-    nxt = (word + 1).clamp(max=words.shape[1] - 1)  # a code that ends its row's last word never reads nxt's bits
-    pair = unsigned[:, word] | (unsigned[:, nxt] << WORD_BITS)
-    return (pair >> offset) & mask
+    offset = offset.to(torch.int32)
+    low = words[:, word] >> offset  # arithmetic shift: bits above a straddling code's first part are sign copies
+    codes = low & mask
+    straddle = (offset + bits > WORD_BITS).nonzero().squeeze(1)
+    if straddle.numel():  # the code's first part from its word, the rest from the low bits of the next word
+        kept = WORD_BITS - offset[straddle]  # 1 … bits − 1 bits in the first word
+        high = words[:, word[straddle] + 1] << kept
+        codes[:, straddle] = ((low[:, straddle] & ((1 << kept) - 1)) | high) & mask
+    return codes
 
 
 def _per_column(values: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
@@ -103,10 +108,10 @@ def dequantize_groups(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
     q = codes.to(torch.float32)
     if cols % group_size == 0:
         shape = (codes.shape[0], cols // group_size, group_size)
-        out = zeros.float().unsqueeze(-1) + scales.float().unsqueeze(-1) * q.view(shape)
+        out = torch.addcmul(zeros.float().unsqueeze(-1), scales.float().unsqueeze(-1), q.view(shape))
         return out.reshape(codes.shape).to(dtype)
     s, z = (_per_column(t.float(), cols, group_size) for t in (scales, zeros))
-    return (z + s * q).to(dtype)
+    return torch.addcmul(z, s, q).to(dtype)
 
 
 @torch.no_grad()
