@@ -208,6 +208,7 @@ def test_budget_charges_the_embedding_at_its_true_bits(allocation, bpw, floor):
     assert row.bytes * 8 == group_quant_bits(256, 64, 4, 16) == model.model.embed_tokens.stored_bits()
     assert "[embedding+head, 4-bit g16]" in str(report)
     assert not report.unconverted  # the codes are not "dense weights left behind"
+    assert "embedding (4-bit g16 group codes) and LM head are packed too" in hf_littlebit.model_card(model)
     # the rest of the budget went to the linears: more bits for them than with a 2-bit embedding is impossible
     two_bit = summary(quantized("llama_tied", bpw=bpw, allocation=allocation, embedding_bits=2))
     linear_bits = [sum(r.bpw_true * r.in_features * r.out_features for r in rep.layers if r.kind == "linear")
