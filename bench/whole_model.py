@@ -4,6 +4,7 @@ linears-only conversion (embedding / head left dense) at the same target.
 
 usage: python bench/whole_model.py [--whole-bpw 4.0 1.0 0.55] [--linears-bpw 1.0 0.55] [--allocation auto]
                                    [--method littlebit] [--calibrate] [--max-tokens 8192] [--seqlen 2048]
+                                   [--embedding-bits 2 --embedding-group-size 128]
                                    [--out bench/results/whole_model.json] [--plot bench/results/whole_model.png]
        python bench/whole_model.py --report-only
 
@@ -54,7 +55,10 @@ def split_rates(report: hf_littlebit.ModelSummary) -> dict:
         if rows:
             dense = sum(r.in_features * r.out_features for r in rows)
             out[f"bpw_{kind}"] = sum(r.bpw_true * r.in_features * r.out_features for r in rows) / dense
-    out["embedding_rank"] = next((r.rank for r in report.layers if r.kind != "linear"), None)
+    emb = next((r for r in report.layers if r.kind != "linear"), None)
+    out["embedding_rank"] = emb.rank if emb is not None else None
+    if emb is not None and emb.format != "binary":
+        out["embedding_format"] = emb.format
     return out
 
 
@@ -88,7 +92,8 @@ def markdown(rows: list[dict]) -> str:
              "whole model bits/param | checkpoint MB | perplexity | quantize s |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        emb = f"{r['bpw_embedding']:.3f} ({r['embedding_rank']})" if r.get("bpw_embedding") is not None else "dense"
+        emb = (f"{r['bpw_embedding']:.3f} ({r.get('embedding_format') or r['embedding_rank']})"
+               if r.get("bpw_embedding") is not None else "dense")
         split = f"{r['bpw_linears']:.3f} / {emb}" if "bpw_linears" in r else f"{r['bpw_true']:.3f}"
         lines.append(f"| {r['scope']} | {r['method']}{' (calibrated)' if r.get('calibrated') else ''} | "
                      f"{r['allocation']} | {r['bpw_target']} | {split} | {r['bpw_whole_model']:.3f} | "
@@ -120,7 +125,9 @@ def measure_row(path: str, tok, ids: torch.Tensor, scope: str, bpw: float, alloc
                 args: argparse.Namespace, calibration: str | None) -> dict:
     cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=args.method, allocation=allocation,
                                        whole_model=scope == "whole model", calibration_samples=32,
-                                       calibration_steps=30, calibration_e2e_steps=20)
+                                       calibration_steps=30, calibration_e2e_steps=20,
+                                       embedding_bits=args.embedding_bits if scope == "whole model" else None,
+                                       embedding_group_size=args.embedding_group_size)
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
     hf_littlebit.quantize(model, cfg, calibration=calibration, tokenizer=tok, progress=False)
@@ -144,6 +151,9 @@ def main() -> None:
     ap.add_argument("--allocation", nargs="+", default=["auto"])
     ap.add_argument("--method", default="littlebit")
     ap.add_argument("--skip-done", action="store_true")
+    ap.add_argument("--embedding-bits", type=int, default=None,
+                    help="whole-model rows: group-quantized embedding of this many bits (default: binary low-rank)")
+    ap.add_argument("--embedding-group-size", type=int, default=64)
     ap.add_argument("--calibrate", action="store_true", help="calibrated rows (minutes each on a CPU)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -191,9 +201,11 @@ def main() -> None:
     todo = [("whole model", b) for b in args.whole_bpw] + [("linears only", b) for b in args.linears_bpw]
     for scope, bpw in todo:
         for allocation in args.allocation:
-            key = (scope, args.method, allocation, bpw, calibration is not None)
+            group = (f"{args.embedding_bits}-bit g{args.embedding_group_size}"
+                     if args.embedding_bits and scope == "whole model" else None)
+            key = (scope, args.method, allocation, bpw, calibration is not None, group)
             if args.skip_done and any((r["scope"], r["method"], r["allocation"], r["bpw_target"],
-                                       r.get("calibrated", False)) == key for r in rows):
+                                       r.get("calibrated", False), r.get("embedding_format")) == key for r in rows):
                 continue
             rows.append(measure_row(path, tok, ids, scope, bpw, allocation, args, calibration))
             print(json.dumps(rows[-1]), flush=True)

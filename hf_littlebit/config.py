@@ -29,6 +29,8 @@ CALIBRATION_TARGETS = ("quantized_inputs", "fp_inputs")
 # Spelled out here so that the config, a plain description of what the user asks for, imports no backend.
 BACKEND_CHOICES = ("auto", "torch", "triton", "cpu")
 
+EMBEDDING_BITS = tuple(range(2, 9))  # widths of the group-quantized embedding (hf_littlebit.format.group_quant)
+
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 # The paper's `kv_factor` acts on modules whose name ends in k_proj / v_proj.
@@ -144,10 +146,20 @@ class LittleBitConfig(QuantizationConfigMixin):
             allocator spends the budget across linears, embedding and head. With calibration, the embedding and
             the head are factorised data-free after the block-wise pass (which sees the fp embedding); the
             end-to-end phase then tunes their scales too, its teacher's logits still from the fp head.
+        embedding_bits: with ``whole_model``, store the embedding in a few-bit group format instead of binary
+            low-rank (:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding`): ``bits`` (2–8) per entry, an fp16
+            scale and zero per group of ``embedding_group_size`` consecutive entries of a row (a tied head reads
+            the same tensors). Its true bits are charged to the budget first; the rest goes to the other matrices.
+            It stays frozen (no trainable mode, not tuned by the end-to-end phase). ``None`` (default): binary
+            low-rank. Much lower error on real embeddings at a few bits (BENCHMARKS.md, issue 22).
+        embedding_group_size: entries per group of ``embedding_bits`` (default 64); need not divide the hidden size
+            (the last group of a row is then shorter).
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
         tied_heads: filled by the quantizer with ``whole_model``: ``{head module: embedding module}`` for an LM head
             that reuses the packed embedding's tensors (a tied model), so a reload rebuilds the tie.
+        group_embedding: filled by the quantizer with ``embedding_bits``: the name of the group-quantized embedding,
+            so a reload rebuilds it (it has no rank, so it is not in ``layer_ranks``).
     """
 
     def __init__(
@@ -187,8 +199,11 @@ class LittleBitConfig(QuantizationConfigMixin):
         trainable: bool = False,
         backend: str = "auto",
         whole_model: bool = False,
+        embedding_bits: int | None = None,
+        embedding_group_size: int = 64,
         layer_ranks: dict[str, int] | None = None,
         tied_heads: dict[str, str] | None = None,
+        group_embedding: str | None = None,
         format_version: int = FORMAT_VERSION,
         **kwargs: Any,
     ) -> None:
@@ -229,6 +244,9 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.trainable = trainable
         self.backend = backend
         self.whole_model = whole_model
+        self.embedding_bits = embedding_bits
+        self.embedding_group_size = embedding_group_size
+        self.group_embedding = group_embedding
         self.layer_ranks = dict(layer_ranks or {})
         self.tied_heads = dict(tied_heads or {})
         self.format_version = format_version
@@ -342,10 +360,25 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(f"LittleBitConfig: whole_model must be True or False, got {self.whole_model!r}")
         if self.tied_heads and not self.whole_model:
             raise ValueError("LittleBitConfig: tied_heads is only written with whole_model=True")
+        if self.embedding_bits is not None and (not _is_int(self.embedding_bits)
+                                                or self.embedding_bits not in EMBEDDING_BITS):
+            raise ValueError(f"LittleBitConfig: embedding_bits must be None (binary low-rank embedding) or one of "
+                             f"{list(EMBEDDING_BITS)}, got {self.embedding_bits!r}")
+        if self.embedding_bits is not None and not self.whole_model:
+            raise ValueError("LittleBitConfig: embedding_bits sets the format of the embedding that whole_model=True "
+                             "converts; set whole_model=True too (without it the embedding stays dense)")
+        if not _is_int(self.embedding_group_size) or self.embedding_group_size < 1:
+            raise ValueError("LittleBitConfig: embedding_group_size must be a positive integer (entries per group, "
+                             f"e.g. 64 or 128), got {self.embedding_group_size!r}")
+        if self.group_embedding is not None and (self.embedding_bits is None or not isinstance(self.group_embedding,
+                                                                                              str)):
+            raise ValueError("LittleBitConfig: group_embedding (filled by the quantizer) names a module and needs "
+                             f"embedding_bits, got {self.group_embedding!r} with embedding_bits={self.embedding_bits}")
         for head, embedding in self.tied_heads.items():
-            if not isinstance(head, str) or not isinstance(embedding, str) or embedding not in self.layer_ranks:
+            if not isinstance(head, str) or not isinstance(embedding, str) or (
+                    embedding not in self.layer_ranks and embedding != self.group_embedding):
                 raise ValueError(f"LittleBitConfig: tied_heads[{head!r}] must name a converted embedding of "
-                                 f"layer_ranks, got {embedding!r}")
+                                 f"layer_ranks (or group_embedding), got {embedding!r}")
         for name, rank in self.layer_ranks.items():
             if not _is_int(rank) or rank < 1:
                 raise ValueError(f"LittleBitConfig: layer_ranks[{name!r}] must be a positive integer, got {rank!r}")

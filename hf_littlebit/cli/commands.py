@@ -146,7 +146,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     def make_config(fields: dict[str, Any], allocation: str) -> LittleBitConfig:
         return LittleBitConfig(bpw=args.bpw, residual=args.residual, seed=args.seed, allocation=allocation,
-                               itq_iterations=args.itq_iterations, whole_model=args.whole_model, **fields)
+                               itq_iterations=args.itq_iterations, whole_model=args.whole_model,
+                               embedding_bits=args.embedding_bits, embedding_group_size=args.embedding_group_size,
+                               **fields)
 
     make_config(explicit, args.allocation or "uniform")  # bad arguments fail before any work
     path = resolve_model(args.model, args.cache_dir)
@@ -174,6 +176,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"model": args.model or "smollm2-135m-instruct (bundled)", "model_path": path,
                               "method": args.method, "allocation": config.allocation, "residual": config.residual,
                               "bpw_target": args.bpw, "whole_model": args.whole_model,
+                              **({"embedding_bits": args.embedding_bits,
+                                  "embedding_group_size": args.embedding_group_size} if args.embedding_bits else {}),
                               "calibrated": calibration is not None}
     if recipe is not None:
         result["recipe"] = recipe.name
@@ -226,6 +230,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         bpw_whole_model=report.bpw_whole_model, checkpoint_bytes=checkpoint_bytes(out),
         bpw_checkpoint=8 * checkpoint_bytes(out) / report.model_params if report.model_params else float("nan"),
     )
+    embedding = next((r for r in report.layers if r.kind != "linear"), None)
+    if embedding is not None:  # whole model: the embedding's own format and rate
+        result.update(embedding_format=embedding.format if embedding.format != "binary"
+                      else f"binary rank {embedding.rank}", bpw_embedding=embedding.bpw_true)
     if args.eval:
         q_eval = measure(model, tokenizer, text, args)
         result.update(ppl_fp=fp_eval["ppl"], ppl_quantized=q_eval["ppl"], eval_tokens=q_eval["tokens"],

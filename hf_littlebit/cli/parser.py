@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--whole-model", action="store_true",
                    help="also pack the input embedding and the LM head (tied ones stored once); --bpw then budgets "
                         "every parameter of the model, norms and biases included")
+    q.add_argument("--embedding-bits", type=int, default=None,
+                   help="with --whole-model: store the embedding (and a tied head) as BITS-bit codes (2-8) with an "
+                        "fp16 scale and zero per group instead of binary low-rank; its true bits come out of the "
+                        "budget first (default: binary low-rank)")
+    q.add_argument("--embedding-group-size", type=int, default=64,
+                   help="entries per group of --embedding-bits (default 64)")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

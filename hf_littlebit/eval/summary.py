@@ -12,6 +12,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 from ..format.budget import paper_bpw
 from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
 from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, expert_group
+from ..nn.group_embedding import GroupQuantEmbedding
 from ..nn.layer import littlebit_layers
 
 
@@ -27,6 +28,8 @@ class LayerReport:
     bpw_true: float  # signs incl. padding + every scale vector, as stored
     bytes: int  # packed factors + scales + bias, as stored
     kind: str = "linear"  # "embedding", or "embedding+head" when an LM head reuses its packed tensors
+    # "binary" (the low-rank format), or e.g. "4-bit g64" for a group-quantized embedding (rank and paths 0)
+    format: str = "binary"
 
 
 @dataclass
@@ -101,8 +104,11 @@ class ModelSummary:
             if group is None:
                 shape = f"{r.out_features}x{r.in_features}"
                 label = r.name if r.kind == "linear" else f"{r.name} [{r.kind}]"
+                binary = r.format == "binary"
+                label = label if binary else f"{label[:-1]}, {r.format}]"
+                rank, paths = (r.rank, r.paths) if binary else ("-", "-")
                 lines.append(
-                    f"{label[-48:]:<48} {shape:>13} {r.rank:>5} {r.paths:>5} {r.bpw_target:>7.3f} "
+                    f"{label[-48:]:<48} {shape:>13} {rank:>5} {paths:>5} {r.bpw_target:>7.3f} "
                     f"{r.bpw_paper:>7.3f} {r.bpw_true:>7.3f} {r.bytes / 1024:>9.1f}"
                 )
             elif group in groups:  # one row per experts projection: E x shape, rank range, true bpw of all E
@@ -163,7 +169,8 @@ def _unique_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def summary(model: nn.Module) -> ModelSummary:
-    """Ranks, target / paper / true bpw and bytes of every ``LittleBitLinear`` in ``model``, plus totals."""
+    """Ranks, target / paper / true bpw and bytes of every ``LittleBitLinear`` (and group-quantized embedding) in
+    ``model``, plus totals."""
     cfg = getattr(getattr(model, "config", None), "quantization_config", None)
     target = float(getattr(cfg, "bpw", float("nan")))
     report = ModelSummary(bpw_target=target)
@@ -172,6 +179,7 @@ def summary(model: nn.Module) -> ModelSummary:
     stored = 0
     layers = littlebit_layers(model)
     tied = {id(m.embedding) for m in model.modules() if isinstance(m, LittleBitTiedHead)}
+    groups = {name: m for name, m in model.named_modules() if isinstance(m, GroupQuantEmbedding)}
     for name, layer in layers.items():
         dense = layer.in_features * layer.out_features
         bias_bytes = layer.bias.numel() * layer.bias.element_size() if layer.bias is not None else 0
@@ -193,6 +201,19 @@ def summary(model: nn.Module) -> ModelSummary:
         packed_ids.update(id(p) for p in layer.parameters())
         report.model_bytes_fp16 += 2 * (dense + (layer.out_features if layer.bias is not None else 0))
         report.model_params += dense + (layer.out_features if layer.bias is not None else 0)
+    for name, emb in groups.items():  # group-quantized embeddings (whole_model with embedding_bits)
+        dense, bits = emb.num_embeddings * emb.embedding_dim, emb.stored_bits()
+        report.layers.append(LayerReport(
+            name=name, in_features=emb.embedding_dim, out_features=emb.num_embeddings, rank=0, paths=0,
+            bpw_target=target, bpw_paper=bits / dense, bpw_true=bits / dense, bytes=bits // 8,
+            kind="embedding+head" if id(emb) in tied else "embedding", format=f"{emb.bits}-bit g{emb.group_size}"))
+        report.converted_params += dense
+        report.converted_bytes += bits // 8
+        paper_bits += bits
+        stored += bits
+        packed_ids.update(id(p) for p in emb.parameters())
+        report.model_bytes_fp16 += 2 * dense
+        report.model_params += dense
     report.experts = expert_groups(report.layers)
     if report.converted_params:
         report.bpw_paper = paper_bits / report.converted_params
@@ -215,6 +236,6 @@ def summary(model: nn.Module) -> ModelSummary:
         report.bpw_whole_model = 8 * report.model_bytes / report.model_params
     report.whole_model = any(r.kind != "linear" for r in report.layers)
     skip = list(getattr(cfg, "modules_to_not_convert", None) or [])
-    report.unconverted = unconverted_weights(model, layers, skip)
+    report.unconverted = unconverted_weights(model, [*layers, *groups], skip)
     report.unconverted_share = sum(report.unconverted.values()) / total_params if total_params else 0.0
     return report

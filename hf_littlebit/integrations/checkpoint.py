@@ -8,6 +8,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..errors import LittleBitCheckpointError
+from ..nn.group_embedding import GroupQuantEmbedding
 from ..nn.layer import littlebit_layers
 
 try:  # the loader's own renaming of checkpoint keys (e.g. Mixtral's block_sparse_moe → mlp)
@@ -42,7 +43,9 @@ def check_checkpoint_tensors(model: nn.Module, checkpoint_files: list[str] | Non
                 header[key] = (tuple(sl.get_shape()), sl.get_dtype())
     header = _as_loaded(model, header)
     problems = []
-    for name, module in littlebit_layers(model).items():
+    stored = {**littlebit_layers(model),
+              **{n: m for n, m in model.named_modules() if isinstance(m, GroupQuantEmbedding)}}
+    for name, module in stored.items():
         for tensor, (shape, dtype) in module.expected_tensors().items():
             key = f"{name}.{tensor}"
             if key not in header:

@@ -57,8 +57,9 @@ def model_card(model: nn.Module, base_model: str | None = None) -> str:
     tags = ["littlebit", "quantized", "binary-factorization", f"{report.bpw_true:.2f}-bpw"]
     if report.whole_model:
         tags.append("whole-model")
-    scope = ("the embedding and LM head are packed too; the target budgets every parameter" if report.whole_model
-             else "embeddings, LM head and norms as stored")
+    group = next((r.format for r in report.layers if r.kind != "linear" and r.format != "binary"), None)
+    scope = ((f"the embedding ({group} group codes)" if group else "the embedding") + " and LM head are packed too; "
+             "the target budgets every parameter" if report.whole_model else "embeddings, LM head and norms as stored")
     meta = ["---", "library_name: transformers", "tags:"] + [f"- {t}" for t in tags]
     if base != "unknown" and not os.path.isdir(base):
         meta.append(f"base_model: {base}")

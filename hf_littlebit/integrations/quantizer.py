@@ -23,6 +23,7 @@ from ..config import FORMAT_VERSION, LittleBitConfig
 from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
 from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
 from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, merge_experts_
+from ..nn.group_embedding import GroupQuantEmbedding
 from ..nn.layer import LittleBitLinear, littlebit_layers
 from ..nn.modes import install_model_methods, is_trainable, make_trainable, packed_state_dict
 from ..quantize.convert import convert_model_
@@ -198,6 +199,9 @@ class LittleBitHfQuantizer(HfQuantizer):
         for layer in littlebit_layers(model).values():
             if not layer.is_trainable:
                 layer.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, GroupQuantEmbedding):  # always frozen (no trainable mode)
+                module.requires_grad_(False)
         cfg = self.quantization_config
         if cfg.trainable:
             make_trainable(model, cfg.sign_estimator, cfg.smoothsign_alpha)
@@ -228,6 +232,10 @@ class LittleBitHfQuantizer(HfQuantizer):
         missing = set(cfg.layer_ranks) - set(layers)
         if missing:
             raise ValueError(f"cannot save: config lists LittleBit layers that the model lacks, e.g. {min(missing)}")
+        group = getattr(cfg, "group_embedding", None)
+        if group is not None and not isinstance(dict(model.named_modules()).get(group), GroupQuantEmbedding):
+            raise ValueError(f"cannot save: config records {group} as a group-quantized embedding, but the model's "
+                             "module there is not one; the model was modified after quantization")
         state_dict = packed_state_dict(model) if is_trainable(model) else None
         return state_dict, {"littlebit_format": str(FORMAT_VERSION), "littlebit_method": cfg.method}
 
@@ -261,11 +269,16 @@ class LittleBitHfQuantizer(HfQuantizer):
         )
 
     def _dequantize(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ`` (a packed
-        embedding by an ``nn.Embedding``, a head tied to it by an ``nn.Linear`` sharing its weight, tie restored), and
-        every split experts module by its architecture's fused experts module holding the experts' ``Ŵ``."""
+        """``model.dequantize()``: replace every packed layer by a dense ``nn.Linear`` holding ``Ŵ`` (a packed or
+        group-quantized embedding by an ``nn.Embedding``, a head tied to it by an ``nn.Linear`` sharing its weight,
+        tie restored), and every split experts module by its architecture's fused experts module holding the
+        experts' ``Ŵ``."""
         tied = {name: m for name, m in model.named_modules() if isinstance(m, LittleBitTiedHead)}
         dense_embeddings = {}
+        for name, module in list(model.named_modules()):
+            if isinstance(module, GroupQuantEmbedding):
+                dense_embeddings[id(module)] = module.dense_module(dtype)
+                model.set_submodule(name, dense_embeddings[id(module)])
         for name, layer in littlebit_layers(model).items():
             if isinstance(layer, LittleBitEmbedding):
                 dense_embeddings[id(layer)] = layer.dense_module(dtype)

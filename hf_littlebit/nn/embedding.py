@@ -28,7 +28,7 @@ from ..backends.dispatch import littlebit_forward
 from ..format.packing import unpack_signs
 from .layer import LittleBitLinear
 
-__all__ = ["LittleBitEmbedding", "LittleBitTiedHead", "ScaledEmbedding"]
+__all__ = ["LittleBitEmbedding", "LittleBitTiedHead", "ScaledEmbedding", "dense_embed_scale"]
 
 
 class LittleBitEmbedding(LittleBitLinear):
@@ -71,37 +71,18 @@ class LittleBitEmbedding(LittleBitLinear):
     def like(cls, dense: nn.Embedding, rank: int, residual: bool, scale_dtype: torch.dtype,
              device: torch.device | str | None = None) -> LittleBitEmbedding:
         """An empty packed embedding with the shape, dtype, padding index and scale of ``dense``."""
-        scale = getattr(dense, "scalar_embed_scale", None)  # Gemma keeps the float next to a (meta) buffer
-        if scale is None:
-            buffer = getattr(dense, "embed_scale", None)
-            if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
-                scale = float(buffer)
-            elif isinstance(buffer, int | float):
-                scale = float(buffer)
         return cls(dense.num_embeddings, dense.embedding_dim, rank, residual=residual, scale_dtype=scale_dtype,
                    device=device, output_dtype=dense.weight.dtype, padding_idx=dense.padding_idx,
-                   embed_scale=None if scale is None else float(scale))
+                   embed_scale=dense_embed_scale(dense))
 
     # ------------------------------------------------------------------ lookup
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if input_ids.dtype.is_floating_point:
-            raise TypeError("LittleBitEmbedding looks up token ids (an integer tensor); for hidden states → logits "
-                            "use .logits(x)")
-        device = self.h.device
-        flat = input_ids.reshape(-1).to(device)
-        # Indexing would wrap negative ids around; on accelerators the gather's own device assert catches them
-        # without the host sync this check costs.
-        if flat.device.type == "cpu" and flat.numel() and (int(flat.min()) < 0 or
-                                                           int(flat.max()) >= self.num_embeddings):
-            raise IndexError(f"token id out of range for an embedding of {self.num_embeddings} rows")
+        flat = token_ids(self, input_ids, self.h.device)
         out = None
         for prefix in self.active_prefixes:
             rows = self.path_rows(prefix, flat)
             out = rows if out is None else out + rows
-        out = out.to(self.output_dtype)
-        if self.embed_scale is not None:
-            out = out * torch.tensor(self.embed_scale, dtype=self.output_dtype, device=out.device)
-        return out.reshape(*input_ids.shape, self.embedding_dim)
+        return scaled_rows(self, out).reshape(*input_ids.shape, self.embedding_dim)
 
     def path_rows(self, prefix: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One path's rows ``h_i · (sgn(U)_i ⊙ l) · (sgn(V) ⊙ g)`` for the 1-D ``ids`` (n × hidden, in ``dtype``)."""
@@ -141,14 +122,50 @@ class LittleBitEmbedding(LittleBitLinear):
                 + (f", trainable={self.sign_estimator}" if self.is_trainable else ""))
 
 
-class LittleBitTiedHead(nn.Module):
-    """The LM head of a tied model: ``logits = x Êᵀ`` from the packed tensors of ``embedding``, owning none itself.
+def dense_embed_scale(dense: nn.Embedding) -> float | None:
+    """The constant a (Gemma-style) scaled ``nn.Embedding`` multiplies its rows by, ``None`` for a plain one."""
+    scale = getattr(dense, "scalar_embed_scale", None)  # Gemma keeps the float next to a (meta) buffer
+    if scale is None:
+        buffer = getattr(dense, "embed_scale", None)
+        if isinstance(buffer, torch.Tensor) and not buffer.is_meta:
+            scale = float(buffer)
+        elif isinstance(buffer, int | float):
+            scale = float(buffer)
+    return None if scale is None else float(scale)
 
-    The embedding is referenced, not registered as a child, so the state dict (and the checkpoint) holds its tensors
-    once, under the embedding's name; moving or converting the model moves them for both.
+
+def token_ids(embedding: nn.Module, input_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``input_ids`` flattened onto ``device``, refused when they are not ids or (on CPU) out of range."""
+    if input_ids.dtype.is_floating_point:
+        raise TypeError(f"{type(embedding).__name__} looks up token ids (an integer tensor); for hidden states → "
+                        "logits use .logits(x)")
+    flat = input_ids.reshape(-1).to(device)
+    # Indexing would wrap negative ids around; on accelerators the gather's own device assert catches them without
+    # the host sync this check costs.
+    if flat.device.type == "cpu" and flat.numel() and (int(flat.min()) < 0 or
+                                                       int(flat.max()) >= embedding.num_embeddings):
+        raise IndexError(f"token id out of range for an embedding of {embedding.num_embeddings} rows")
+    return flat
+
+
+def scaled_rows(embedding: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Looked-up rows in the embedding's output dtype, times its ``embed_scale`` when it has one."""
+    out = rows.to(embedding.output_dtype)
+    if embedding.embed_scale is not None:
+        out = out * torch.tensor(embedding.embed_scale, dtype=out.dtype, device=out.device)
+    return out
+
+
+class LittleBitTiedHead(nn.Module):
+    """The LM head of a tied model: ``logits = x Êᵀ`` from the stored tensors of ``embedding``, owning none itself.
+
+    ``embedding`` is a packed embedding with a ``logits(x)`` method: a :class:`LittleBitEmbedding` or a
+    :class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding`. It is referenced, not registered as a child, so
+    the state dict (and the checkpoint) holds its tensors once, under the embedding's name; moving or converting the
+    model moves them for both.
     """
 
-    def __init__(self, embedding: LittleBitEmbedding) -> None:
+    def __init__(self, embedding: nn.Module) -> None:
         super().__init__()
         self.__dict__["embedding"] = embedding  # not a submodule: no second copy in state_dict / parameters()
 

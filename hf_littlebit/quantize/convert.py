@@ -20,7 +20,7 @@ from .layers import new_littlebit_layer, note_data_free, quantize_layer_
 from .plan import LayerPlan, allocate_plans, plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from .reconstruct.driver import BlockReconstructor
 from .reconstruct.options import ReconstructionOptions, ReconstructionResult
-from .whole_model import convert_late_, whole_model_plans
+from .whole_model import GROUP_EMBEDDING, convert_late_, record_plans, whole_model_plans
 
 
 def _default_tokenizer(model: nn.Module) -> Any:
@@ -78,11 +78,11 @@ def convert_model_(
     if config.whole_model:
         plans, config.tied_heads = whole_model_plans(model, config, plans)
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        late = [p for p in plans if p.kind == "embedding" or model.get_submodule(p.name) is head]
+        late = [p for p in plans if p.kind in ("embedding", GROUP_EMBEDDING) or model.get_submodule(p.name) is head]
         plans = [p for p in plans if p not in late]
     elif config.allocation == "auto":
         plans = allocate_plans(model, plans, config)
-    config.layer_ranks = {p.name: p.rank for p in [*plans, *late]}
+    record_plans(config, [*plans, *late])
 
     if calibration is None:
         note_data_free(config)

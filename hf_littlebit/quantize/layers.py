@@ -16,6 +16,7 @@ from ..config import LittleBitConfig
 from ..factorize import FactorPath, factorize
 from ..nn.embedding import LittleBitEmbedding
 from ..nn.experts import expert_group
+from ..nn.group_embedding import GroupQuantEmbedding
 from ..nn.layer import LittleBitLinear
 from .plan import LayerPlan
 
@@ -81,11 +82,14 @@ def quantize_layer_(module: LittleBitLinear, weight: torch.Tensor, config: Littl
 def new_littlebit_layer(
     plan: LayerPlan, config: LittleBitConfig, dense: nn.Linear | nn.Embedding, device: torch.device | str | None = None,
     with_fp_weight: bool = False,
-) -> LittleBitLinear:
+) -> LittleBitLinear | GroupQuantEmbedding:
     """An empty (zero) frozen ``LittleBitLinear`` for ``plan`` on ``device``, carrying ``dense``'s bias (not on the
     meta device). ``with_fp_weight`` keeps a meta ``weight`` placeholder for the quantize-on-load op. An
     ``"embedding"`` plan gives a :class:`LittleBitEmbedding` shaped like ``dense`` (never with a placeholder:
-    whole-model conversion runs after loading)."""
+    whole-model conversion runs after loading), a ``"group_embedding"`` plan an empty :class:`GroupQuantEmbedding`."""
+    if plan.kind == "group_embedding":  # the few-bit group format (config.embedding_bits): no rank, no backend
+        return GroupQuantEmbedding.like(dense, config.embedding_bits, config.embedding_group_size,
+                                        device=device).requires_grad_(False)
     if plan.kind == "embedding":
         emb = LittleBitEmbedding.like(dense, plan.rank, config.residual, config.torch_scale_dtype, device=device)
         emb.backend = config.backend

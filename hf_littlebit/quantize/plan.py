@@ -29,7 +29,9 @@ class LayerPlan:
     out_features: int
     rank: int
     bias: bool
-    kind: str = "linear"  # or "embedding": an nn.Embedding (in = embedding_dim, out = num_embeddings)
+    # or "embedding": an nn.Embedding (in = embedding_dim, out = num_embeddings) in the binary format; or
+    # "group_embedding": the same in the few-bit group format (config.embedding_bits; rank 0, unused)
+    kind: str = "linear"
 
 
 def tied_module_names(model: nn.Module) -> set[str]:
@@ -79,6 +81,15 @@ def plan_conversion(model: nn.Module, config: LittleBitConfig, skip: list[str], 
                     f"{type(model).__name__}; the checkpoint does not belong to this architecture"
                 )
             plans.append(LayerPlan(name, module.in_features, module.out_features, rank, module.bias is not None))
+        group = getattr(config, "group_embedding", None)  # whole_model with embedding_bits: no rank recorded
+        if group is not None:
+            if group not in embeddings:
+                raise LittleBitCheckpointError(
+                    f"quantization_config.group_embedding names {group!r}, which is not an nn.Embedding of "
+                    f"{type(model).__name__}; the checkpoint does not belong to this architecture"
+                )
+            emb = embeddings[group]
+            plans.append(LayerPlan(group, emb.embedding_dim, emb.num_embeddings, 0, False, "group_embedding"))
         return plans
 
     floored, capped = [], []

@@ -10,6 +10,10 @@ model is really ~3.8 bits per parameter. Here:
   (recorded in ``config.tied_heads``; stored once); Transformers' own tie of ``lm_head.weight`` to the embedding
   weight is dropped from the model's tie tables, since neither tensor exists any more;
 * an untied head is an ordinary ``nn.Linear`` and is converted like the others;
+* with ``embedding_bits`` the embedding is stored in the few-bit group format instead
+  (:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding`, plan kind ``"group_embedding"``, no rank; its name
+  recorded in ``config.group_embedding``): its true bits (codes, scales, zeros) are charged to the budget first,
+  and only the rest is spent on the other matrices;
 * the budget is ``bpw × (all parameters of the fp model)`` bits; the tensors that stay dense (norms, biases,
   buffers, skipped modules) are charged at the width they are stored in, and the rest is spent on the converted
   matrices: with ``allocation="uniform"`` at one common rate (the largest whose true total fits), with ``"auto"``
@@ -26,7 +30,9 @@ from transformers.utils import logging
 from ..config import LittleBitConfig
 from ..errors import BudgetTooSmallError, LittleBitQuantizationError
 from ..format.budget import choose_rank, dbf_rank, stored_bits
+from ..format.group_quant import group_quant_bits
 from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
+from ..nn.group_embedding import GroupQuantEmbedding
 from .allocate import LayerShape, allocate_ranks, normalised_spectrum
 from .layers import new_littlebit_layer, quantize_layer_
 from .plan import LayerPlan
@@ -34,6 +40,7 @@ from .plan import LayerPlan
 logger = logging.get_logger(__name__)
 
 SAVED_TIES = "_littlebit_saved_ties"
+GROUP_EMBEDDING = "group_embedding"  # LayerPlan.kind of an embedding in the few-bit group format
 
 
 def find_embedding(model: nn.Module) -> tuple[str, nn.Embedding]:
@@ -62,10 +69,27 @@ def find_tied_head(model: nn.Module, emb_name: str, emb: nn.Embedding) -> str | 
     return None
 
 
+def group_embedding_plan(model: nn.Module, config: LittleBitConfig) -> LayerPlan | None:
+    """The plan of the embedding in the group format (rank 0) when ``config.embedding_bits`` asks for it and the
+    embedding is converted; else None."""
+    if config.embedding_bits is None:
+        return None
+    name, emb = find_embedding(model)
+    if not should_convert_module(name, config.modules_to_not_convert or []):
+        return None
+    return LayerPlan(name, emb.embedding_dim, emb.num_embeddings, 0, False, GROUP_EMBEDDING)
+
+
+def group_embedding_bits(plan: LayerPlan, config: LittleBitConfig) -> int:
+    """True stored bits of a ``"group_embedding"`` plan: code words, fp16 scales and zeros."""
+    return group_quant_bits(plan.out_features, plan.in_features, config.embedding_bits, config.embedding_group_size)
+
+
 def whole_model_budget(model: nn.Module, config: LittleBitConfig, linear_plans: list[LayerPlan]
                        ) -> tuple[list[LayerPlan], int, dict[str, str]]:
-    """Every converted matrix's plan (linears, embedding, untied head; ranks not chosen yet), the bits left for them
-    once the dense tensors are paid for, and ``{tied head: embedding}``. Shapes and dtypes only (works on meta)."""
+    """Every binary matrix's plan (linears, embedding, untied head; ranks not chosen yet), the bits left for them
+    once the dense tensors (and a group-quantized embedding, :func:`group_embedding_plan`) are paid for, and
+    ``{tied head: embedding}``. Shapes and dtypes only (works on meta)."""
     emb_name, emb = find_embedding(model)
     tied_head = find_tied_head(model, emb_name, emb)
     plans = [p for p in linear_plans if p.name != tied_head]
@@ -77,20 +101,34 @@ def whole_model_budget(model: nn.Module, config: LittleBitConfig, linear_plans: 
                 f"the embedding is packed; keep both dense (add {emb_name} to modules_to_not_convert too) or convert "
                 "both"
             )
-        plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, config.min_rank, False, "embedding"))
+        if config.embedding_bits is None:
+            plans.append(LayerPlan(emb_name, emb.embedding_dim, emb.num_embeddings, config.min_rank, False,
+                                   "embedding"))
     else:
         tied_head = None  # the embedding stays dense, and so does a head tied to it
-    converted = {id(model.get_submodule(p.name).weight) for p in plans}
+    group = group_embedding_plan(model, config)
+    converted = {id(model.get_submodule(p.name).weight) for p in [*plans, *([group] if group else [])]}
     total_params = sum(p.numel() for p in model.parameters())
     dense_bits = sum(8 * t.numel() * t.element_size() for t in _unique_tensors(model) if id(t) not in converted)
     logger.info(f"LittleBit whole model: {total_params:,} parameters, {dense_bits / 1e6:.2f} Mbit stay dense")
-    return plans, int(config.bpw * total_params) - dense_bits, ({tied_head: emb_name} if tied_head else {})
+    budget = int(config.bpw * total_params) - dense_bits
+    if group is not None:
+        group_bits = group_embedding_bits(group, config)
+        if group_bits >= budget:
+            raise BudgetTooSmallError(
+                f"whole_model=True, bpw={config.bpw}: the {config.embedding_bits}-bit embedding (groups of "
+                f"{config.embedding_group_size}) alone stores {group_bits / 1e6:.2f} Mbit, and the budget after the "
+                f"dense tensors is {max(budget, 0) / 1e6:.2f} Mbit, nothing left for the other matrices; raise bpw, "
+                "lower embedding_bits, enlarge embedding_group_size or use the binary embedding (embedding_bits=None)"
+            )
+        budget -= group_bits
+    return plans, budget, ({tied_head: emb_name} if tied_head else {})
 
 
 def whole_model_plans(model: nn.Module, config: LittleBitConfig, linear_plans: list[LayerPlan]
                       ) -> tuple[list[LayerPlan], dict[str, str]]:
     """The plans of every converted matrix (linears, embedding, untied head) with ranks that fit the whole-model
-    budget, and ``{tied head: embedding}``."""
+    budget (a group-quantized embedding last, rank 0), and ``{tied head: embedding}``."""
     plans, budget, tied = whole_model_budget(model, config, linear_plans)
     scale_bits = torch.finfo(config.torch_scale_dtype).bits
     if config.allocation == "auto":
@@ -103,7 +141,15 @@ def whole_model_plans(model: nn.Module, config: LittleBitConfig, linear_plans: l
     used = sum(stored_bits(p.in_features, p.out_features, ranks[p.name], config.residual, scale_bits) for p in plans)
     logger.info(f"LittleBit whole model: {used / 1e6:.2f} of {budget / 1e6:.2f} Mbit spent on {len(plans)} matrices")
     plans = [LayerPlan(p.name, p.in_features, p.out_features, ranks[p.name], p.bias, p.kind) for p in plans]
-    return plans, tied
+    group = group_embedding_plan(model, config)
+    return plans + ([group] if group is not None else []), tied
+
+
+def record_plans(config: LittleBitConfig, plans: list[LayerPlan]) -> None:
+    """Write what a reload needs into ``config``: the rank of every binary layer (``layer_ranks``) and the name of a
+    group-quantized embedding (``group_embedding``)."""
+    config.layer_ranks = {p.name: p.rank for p in plans if p.kind != GROUP_EMBEDDING}
+    config.group_embedding = next((p.name for p in plans if p.kind == GROUP_EMBEDDING), None)
 
 
 def _uniform_ranks(plans: list[LayerPlan], config: LittleBitConfig, budget: int, scale_bits: int) -> dict[str, int]:
@@ -121,9 +167,11 @@ def _uniform_ranks(plans: list[LayerPlan], config: LittleBitConfig, budget: int,
     lo, hi = 1e-6, 16.0
     if bits(ranks_at(lo)) > budget:
         raise BudgetTooSmallError(
-            f"whole_model=True, bpw={config.bpw}: after the tensors that stay dense (norms, biases...) the budget "
+            f"whole_model=True, bpw={config.bpw}: after the tensors that stay dense (norms, biases...)"
+            f"{' and the group-quantized embedding' if config.embedding_bits else ''} the budget "
             f"leaves {max(budget, 0) / 1e6:.3f} Mbit for the converted matrices, less than min_rank={config.min_rank} "
             "in each needs; raise bpw, lower min_rank or use residual=False"
+            + (" (or lower embedding_bits)" if config.embedding_bits else "")
         )
     if bits(ranks_at(hi)) <= budget:
         return ranks_at(hi)
@@ -147,7 +195,10 @@ def convert_late_(model: nn.Module, plans: list[LayerPlan], config: LittleBitCon
     for plan in plans:
         dense = model.get_submodule(plan.name)
         layer = new_littlebit_layer(plan, config, dense, device=dense.weight.device)
-        quantize_layer_(layer, dense.weight, config, plan.name)
+        if isinstance(layer, GroupQuantEmbedding):
+            layer.set_weight_(dense.weight)
+        else:
+            quantize_layer_(layer, dense.weight, config, plan.name)
         model.set_submodule(plan.name, layer)
     attach_tied_heads(model, config)
 
@@ -157,8 +208,8 @@ def attach_tied_heads(model: nn.Module, config: LittleBitConfig) -> None:
     tie from Transformers' tables (the tied ``weight`` tensors no longer exist; the head owns nothing to tie)."""
     for head, embedding in config.tied_heads.items():
         layer = model.get_submodule(embedding)
-        if not isinstance(layer, LittleBitEmbedding):
-            raise LittleBitQuantizationError(f"tied head {head}: {embedding} is not a LittleBitEmbedding")
+        if not isinstance(layer, LittleBitEmbedding | GroupQuantEmbedding):
+            raise LittleBitQuantizationError(f"tied head {head}: {embedding} is not a packed embedding")
         model.set_submodule(head, LittleBitTiedHead(layer))
         _untie(model, (head, embedding))
 

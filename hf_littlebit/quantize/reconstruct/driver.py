@@ -219,7 +219,8 @@ class BlockReconstructor:
             teacher_head = self._convert_late(keep_fp_head=end_to_end)
             if end_to_end:
                 names = [*self.plans, *(p.name for p in self.late_plans)]
-                layers = [self.model.get_submodule(name) for name in names]
+                # a group-quantized embedding (embedding_bits) has no scales to tune here: it stays as quantized
+                layers = [m for m in map(self.model.get_submodule, names) if isinstance(m, LittleBitLinear)]
                 self.result.end_to_end = tune_end_to_end(
                     self.model, self.blocks[-1], layers, self.tokens, fp_inputs, self.opts,
                     seed=self.config.seed * 1_000_003 + len(self.blocks), progress=self.progress,

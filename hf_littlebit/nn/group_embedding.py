@@ -1,0 +1,185 @@
+"""``GroupQuantEmbedding``: a token embedding in a few-bit group format, for ``whole_model`` compression.
+
+Why not binary low-rank, like every other matrix: the embedding is not low-rank. On SmolLM2's 49,152 × 576 tied
+embedding the relative error of the binary factorisation stays between 0.65 and 0.72 from rank 64 to the full rank
+576 (BENCHMARKS.md, "Whole-model compression (issue 22)"), so more bits barely help; its rows are individually
+well-behaved vectors, which is what per-group scalar quantization serves well (4 bits in groups of 64: error ≈ 0.1).
+
+Format (:mod:`hf_littlebit.format.group_quant`): each row in groups of ``group_size`` consecutive entries, each entry
+a ``bits``-bit code read back as ``zero + scale · code``; the codes bit-packed into int32 words (``codes``, vocab ×
+⌈hidden · bits / 32⌉), ``scales`` and ``zeros`` fp16 (vocab × groups). Nothing else is stored.
+
+* **lookup** (``forward(input_ids)``): only the requested rows' words, scales and zeros are gathered and decoded;
+  the vocab × hidden matrix is never built.
+* **tied LM head** (:meth:`GroupQuantEmbedding.logits`): ``x Êᵀ`` over chunks of the vocabulary (decode a chunk,
+  one matmul into its slice of the logits, next chunk), so the extra memory is one chunk, about
+  :attr:`~GroupQuantEmbedding.head_chunk_elements` entries. Gradients flow to ``x`` (adapters, the end-to-end phase
+  upstream of the head) through a backward that decodes the chunks again instead of keeping them.
+* The stored tensors are **frozen**: there is no trainable mode (QAT and the calibration's end-to-end phase leave this
+  embedding as quantized; it is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the layer-wide switches —
+  trainable mode, backends — pass it by). Plain tensor ops, so any device works.
+
+A tied head is a :class:`~hf_littlebit.nn.embedding.LittleBitTiedHead` over this module, as for the binary format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..format.group_quant import (
+    dequantize_groups,
+    group_count,
+    group_quant_bits,
+    pack_codes,
+    packed_code_width,
+    quantize_groups,
+    unpack_codes,
+)
+from .embedding import ScaledEmbedding, dense_embed_scale, scaled_rows, token_ids
+
+__all__ = ["GroupQuantEmbedding"]
+
+STORED = ("codes", "scales", "zeros")
+
+
+class GroupQuantEmbedding(nn.Module):
+    """Few-bit group-quantized ``nn.Embedding`` replacement (see the module docstring).
+
+    ``output_dtype`` is the dtype of the looked-up vectors (the replaced embedding's), held by the empty parameter
+    ``dtype_tag`` so that it follows ``.to(dtype)``; ``embed_scale`` multiplies every looked-up vector (Gemma).
+    Created empty (zeros; on the meta device for loading) and filled by :meth:`set_weight_` or a state dict.
+    """
+
+    head_chunk_elements = 1 << 22  # vocab rows decoded at a time by the head: this many entries (16 MiB in fp32)
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int,
+                 scale_dtype: torch.dtype = torch.float16, device: torch.device | str | None = None,
+                 output_dtype: torch.dtype = torch.float32, padding_idx: int | None = None,
+                 embed_scale: float | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
+        self.padding_idx, self.embed_scale = padding_idx, embed_scale
+        # Registered first: Transformers takes a model's dtype from its first floating parameter (LittleBitEmbedding).
+        self.dtype_tag = nn.Parameter(torch.empty(0, dtype=output_dtype, device=device), requires_grad=False)
+        for name, (shape, dtype) in self.expected_tensors().items():
+            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype, device=device),
+                                                       requires_grad=False))
+
+    @classmethod
+    def like(cls, dense: nn.Embedding, bits: int, group_size: int, scale_dtype: torch.dtype = torch.float16,
+             device: torch.device | str | None = None) -> GroupQuantEmbedding:
+        """An empty module with the shape, dtype, padding index and scale of ``dense``."""
+        return cls(dense.num_embeddings, dense.embedding_dim, bits, group_size, scale_dtype=scale_dtype,
+                   device=device, output_dtype=dense.weight.dtype, padding_idx=dense.padding_idx,
+                   embed_scale=dense_embed_scale(dense))
+
+    @property
+    def output_dtype(self) -> torch.dtype:
+        return self.dtype_tag.dtype
+
+    @property
+    def in_features(self) -> int:  # the head's view, as for LittleBitEmbedding
+        return self.embedding_dim
+
+    @property
+    def out_features(self) -> int:
+        return self.num_embeddings
+
+    @property
+    def is_packed(self) -> bool:
+        return not any(getattr(self, name).is_meta for name in STORED)
+
+    def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Name → (shape, dtype) of every stored tensor, as a checkpoint of this module must hold them."""
+        groups = group_count(self.embedding_dim, self.group_size)
+        return {"codes": ((self.num_embeddings, packed_code_width(self.embedding_dim, self.bits)), torch.int32),
+                "scales": ((self.num_embeddings, groups), self.scale_dtype),
+                "zeros": ((self.num_embeddings, groups), self.scale_dtype)}
+
+    def stored_bits(self) -> int:
+        """Bits of the codes (padding words included), scales and zeros as stored."""
+        return group_quant_bits(self.num_embeddings, self.embedding_dim, self.bits, self.group_size,
+                                torch.finfo(self.scale_dtype).bits)
+
+    @torch.no_grad()
+    def set_weight_(self, weight: torch.Tensor) -> None:
+        """Quantize the dense ``weight`` (vocab × hidden) into this module, on ``weight``'s device."""
+        if tuple(weight.shape) != (self.num_embeddings, self.embedding_dim):
+            raise ValueError(f"GroupQuantEmbedding: weight of shape {tuple(weight.shape)} for a "
+                             f"{self.num_embeddings} × {self.embedding_dim} embedding")
+        codes, scales, zeros = quantize_groups(weight, self.bits, self.group_size, self.scale_dtype)
+        for name, value in (("codes", pack_codes(codes, self.bits)), ("scales", scales), ("zeros", zeros)):
+            param = nn.Parameter(value.contiguous(), requires_grad=False)
+            param._is_hf_initialized = True  # tell Transformers not to re-initialise it
+            self.register_parameter(name, param)
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Rows ``index`` (1-D ids or a slice) of ``Ê`` in ``dtype`` (unscaled), decoded from the stored tensors."""
+        codes = unpack_codes(self.codes[index], self.embedding_dim, self.bits)
+        return dequantize_groups(codes, self.scales[index], self.zeros[index], self.group_size, dtype)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dense ``Ê`` (vocab × hidden), chunk by chunk (for ``dequantize()`` and checks; never used by forward)."""
+        return torch.cat([self.decode(slice(a, a + self._chunk_rows()), dtype)
+                          for a in range(0, self.num_embeddings, self._chunk_rows())])
+
+    def _chunk_rows(self) -> int:
+        return max(1, self.head_chunk_elements // max(self.embedding_dim, 1))
+
+    # ------------------------------------------------------------------ lookup and head
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        flat = token_ids(self, input_ids, self.codes.device)
+        return scaled_rows(self, self.decode(flat)).reshape(*input_ids.shape, self.embedding_dim)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Êᵀ`` (the tied LM head), the vocabulary decoded one chunk at a time."""
+        if not x.dtype.is_floating_point:
+            raise TypeError("GroupQuantEmbedding.logits takes hidden states (a floating tensor)")
+        flat = x.reshape(-1, self.embedding_dim)
+        out = _ChunkedHead.apply(flat, self) if torch.is_grad_enabled() and flat.requires_grad else \
+            self._head_forward(flat)
+        return out.reshape(*x.shape[:-1], self.num_embeddings)
+
+    def _head_forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(x.shape[0], self.num_embeddings, dtype=x.dtype, device=x.device)
+        step = self._chunk_rows()
+        for a in range(0, self.num_embeddings, step):
+            out[:, a:a + step] = x @ self.decode(slice(a, a + step), x.dtype).to(x.device).T
+        return out
+
+    def _head_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(grad.shape[0], self.embedding_dim, dtype=grad.dtype, device=grad.device)
+        step = self._chunk_rows()
+        for a in range(0, self.num_embeddings, step):
+            out += grad[:, a:a + step] @ self.decode(slice(a, a + step), grad.dtype).to(grad.device)
+        return out
+
+    def dense_module(self, dtype: torch.dtype | None = None) -> nn.Embedding:
+        """An ``nn.Embedding`` (a :class:`ScaledEmbedding` when scaled) holding ``Ê`` (for ``dequantize()``)."""
+        dense = ScaledEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.embed_scale,
+                                device=self.codes.device, dtype=dtype or self.output_dtype)
+        with torch.no_grad():
+            dense.weight.copy_(self.dequantize_weight(torch.float32))
+        return dense
+
+    def extra_repr(self) -> str:
+        return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, bits={self.bits}, "
+                f"group_size={self.group_size}, output_dtype={self.output_dtype}"
+                + (f", embed_scale={self.embed_scale:g}" if self.embed_scale is not None else ""))
+
+
+class _ChunkedHead(torch.autograd.Function):
+    """``x Êᵀ`` with a gradient for ``x`` only (``Ê`` is frozen), decoding the chunks again in the backward instead
+    of keeping every decoded chunk alive for it (which would be the whole matrix)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, embedding: GroupQuantEmbedding) -> torch.Tensor:  # noqa: ANN001 - ctx
+        ctx.embedding = embedding
+        return embedding._head_forward(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001 - ctx
+        return ctx.embedding._head_backward(grad.contiguous()), None
