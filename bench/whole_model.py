@@ -3,13 +3,15 @@
 linears-only conversion (embedding / head left dense) at the same target.
 
 usage: python bench/whole_model.py [--whole-bpw 4.0 1.0 0.55] [--linears-bpw 1.0 0.55] [--allocation auto]
-                                   [--method littlebit] [--calibrate] [--max-tokens 8192] [--seqlen 2048]
+                                   [--method littlebit] [--calibrate [--recipe demo]] [--max-tokens 8192]
+                                   [--seqlen 2048]
                                    [--embedding-bits 2 --embedding-group-size 128]
                                    [--out bench/results/whole_model.json] [--plot bench/results/whole_model.png]
        python bench/whole_model.py --report-only
 
 Each row quantizes a fresh fp32 copy (data-free unless ``--calibrate``: 32 × 256 tokens of the training split, 30
-steps per block, 20 end-to-end steps), measures the perplexity on the first ``--max-tokens`` tokens of the test
+steps per block, 20 end-to-end steps; with ``--recipe NAME`` the calibration fields of that
+``littlebit quantize`` recipe), measures the perplexity on the first ``--max-tokens`` tokens of the test
 split (fp32 compute), then casts the tensors that stayed dense (embedding and head of the linears-only rows, norms)
 to bf16 — how such a model is shipped — and saves it with ``save_pretrained``: "checkpoint MB" is the bytes of the
 ``.safetensors`` files (what a download costs). Rows are appended to ``--out`` as they come; ``--skip-done`` skips
@@ -30,6 +32,7 @@ from transformers.utils import logging as hf_logging
 
 import hf_littlebit
 from hf_littlebit.assets import ensure_assets
+from hf_littlebit.cli.recipes import RECIPES, recipe_named
 from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
 from hf_littlebit.nn.layer import littlebit_layers
 
@@ -123,11 +126,12 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def measure_row(path: str, tok, ids: torch.Tensor, scope: str, bpw: float, allocation: str,  # noqa: ANN001
                 args: argparse.Namespace, calibration: str | None) -> dict:
-    cfg = hf_littlebit.LittleBitConfig(bpw=bpw, method=args.method, allocation=allocation,
-                                       whole_model=scope == "whole model", calibration_samples=32,
-                                       calibration_steps=30, calibration_e2e_steps=20,
+    fields = {"method": args.method, "calibration_samples": 32, "calibration_steps": 30, "calibration_e2e_steps": 20}
+    if args.recipe:
+        fields = dict(recipe_named(args.recipe).fields)
+    cfg = hf_littlebit.LittleBitConfig(bpw=bpw, allocation=allocation, whole_model=scope == "whole model",
                                        embedding_bits=args.embedding_bits if scope == "whole model" else None,
-                                       embedding_group_size=args.embedding_group_size)
+                                       embedding_group_size=args.embedding_group_size, **fields)
     model = AutoModelForCausalLM.from_pretrained(path)
     t0 = time.perf_counter()
     hf_littlebit.quantize(model, cfg, calibration=calibration, tokenizer=tok, progress=False)
@@ -138,7 +142,8 @@ def measure_row(path: str, tok, ids: torch.Tensor, scope: str, bpw: float, alloc
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         size = checkpoint_bytes(Path(folder))
-    return {"scope": scope, "method": args.method, "allocation": allocation, "bpw_target": bpw,
+    return {"scope": scope, "method": cfg.method, "allocation": allocation, "bpw_target": bpw,
+            **({"recipe": args.recipe} if args.recipe else {}),
             "calibrated": calibration is not None, "bpw_true": report.bpw_true, **split_rates(report),
             "bpw_whole_model": report.bpw_whole_model, "checkpoint_bytes": size,
             "bpw_checkpoint": 8 * size / report.model_params, "ppl": res.ppl, "seconds": seconds}
@@ -155,6 +160,9 @@ def main() -> None:
                     help="whole-model rows: group-quantized embedding of this many bits (default: binary low-rank)")
     ap.add_argument("--embedding-group-size", type=int, default=64)
     ap.add_argument("--calibrate", action="store_true", help="calibrated rows (minutes each on a CPU)")
+    ap.add_argument("--recipe", choices=[r.name for r in RECIPES], default=None,
+                    help="with --calibrate: the CLI recipe's calibration fields (method included) instead of the "
+                         "32 × 256 / 30 steps / 20 end-to-end steps default")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--cache-dir")
@@ -203,9 +211,11 @@ def main() -> None:
         for allocation in args.allocation:
             group = (f"{args.embedding_bits}-bit g{args.embedding_group_size}"
                      if args.embedding_bits and scope == "whole model" else None)
-            key = (scope, args.method, allocation, bpw, calibration is not None, group)
+            method = recipe_named(args.recipe).fields["method"] if args.recipe else args.method
+            key = (scope, method, allocation, bpw, calibration is not None, group, args.recipe)
             if args.skip_done and any((r["scope"], r["method"], r["allocation"], r["bpw_target"],
-                                       r.get("calibrated", False), r.get("embedding_format")) == key for r in rows):
+                                       r.get("calibrated", False), r.get("embedding_format"), r.get("recipe")) == key
+                                      for r in rows):
                 continue
             rows.append(measure_row(path, tok, ids, scope, bpw, allocation, args, calibration))
             print(json.dumps(rows[-1]), flush=True)
