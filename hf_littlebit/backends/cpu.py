@@ -6,6 +6,9 @@
 * **More tokens** (prefill): signs are unpacked a tile of rows at a time into a small fp32 buffer and multiplied by
   a GEMM, so memory stays bounded by the tile, not the layer.
 
+The same extension computes the tied LM head of a few-bit group-quantized embedding for few tokens
+(:func:`group_head_forward`, ≤ :data:`GROUP_HEAD_MAX_TOKENS`), reading the packed codes in place.
+
 The kernel is compiled once per machine on first use (``torch.utils.cpp_extension``, cached under
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``; ~1 minute). Without a compiler (or ``ninja``) the build
 fails, one warning says so, and the backend answers unavailable: ``"auto"`` then uses the PyTorch path.
@@ -34,6 +37,12 @@ KERNEL_MAX_TOKENS = 16
 #: SmolLM2's 576-wide layer shapes, 2 cores: 576×192 at 0.55 bpw is faster on one thread, 576×576 on two).
 MIN_PARALLEL_SIGNS = 1 << 17
 
+#: Up to this many tokens a group-quantized tied head (``GroupQuantEmbedding.logits``) runs the kernel; above it the
+#: embedding's chunked decode + GEMM, whose decoding cost is shared by all the tokens.
+GROUP_HEAD_MAX_TOKENS = 16
+#: Group-head calls with fewer code × token products run on one thread.
+MIN_PARALLEL_CODES = 1 << 17
+
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
 _state: dict[str, Any] = {"module": None, "tried": False}
@@ -43,7 +52,8 @@ def _build_flags() -> list[str]:
     """``-fopenmp``: the kernel's OpenMP pragmas (and ``at::parallel_for``, a header template built on them) are
     ignored without it, and the kernel would run on one thread whatever ``torch.set_num_threads`` says."""
     capability = torch.backends.cpu.get_cpu_capability()
-    simd = ["-mavx2", "-mfma"] if capability in ("AVX2", "AVX512") else []
+    # F16C (fp16 → fp32 conversion, for the group head's scales) comes with every AVX2 CPU
+    simd = ["-mavx2", "-mfma", "-mf16c"] if capability in ("AVX2", "AVX512") else []
     return ["-O3", "-fopenmp", *simd]
 
 
@@ -163,3 +173,42 @@ class _PackedLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: D102
         return tiled.layer_input_grad(ctx.layer, grad.float(), _unpack()), None
+
+
+# ---------------------------------------------------------------------------------------------- group-quantized head
+def group_head_applies(embedding: Any, xs: torch.Tensor) -> bool:
+    """Whether :func:`group_head_forward` serves this call: CPU tensors, no gradient asked for, at most
+    :data:`GROUP_HEAD_MAX_TOKENS` tokens, and the kernel built (``LITTLEBIT_CPU_KERNEL=0`` turns it off)."""
+    return (xs.device.type == "cpu" and embedding.codes.device.type == "cpu"
+            and xs.shape[0] <= GROUP_HEAD_MAX_TOKENS
+            and not (torch.is_grad_enabled() and xs.requires_grad)
+            and cpu_kernel_available())
+
+
+def group_head_forward(embedding: Any, xs: torch.Tensor) -> torch.Tensor:
+    """``xs Êᵀ`` (2-D ``xs``, any float dtype, returned in it; computed in fp32) from a group-quantized embedding's
+    ``codes``, ``scales`` and ``zeros``, never decoding more than one row at a time. Sees the embedding through those
+    attributes and ``bits`` / ``group_size`` only."""
+    args = (xs, embedding.codes, embedding.scales, embedding.zeros, embedding.bits, embedding.group_size)
+    if torch.compiler.is_compiling():
+        return _group_head_op(*args)
+    kernel = load_kernel()
+    if kernel is None:
+        raise RuntimeError("the packed CPU kernel is not available (see the warning)")
+    return kernel.group_head_forward(*args, MIN_PARALLEL_CODES)
+
+
+@torch.library.custom_op("hf_littlebit::group_head_cpu", mutates_args=())
+def _group_head_op(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+                   group_size: int) -> torch.Tensor:
+    """The group head as an opaque op for ``torch.compile`` (eager calls go to the extension directly)."""
+    kernel = load_kernel()
+    if kernel is None:
+        raise RuntimeError("the packed CPU kernel is not available (see the warning)")
+    return kernel.group_head_forward(x, codes, scales, zeros, bits, group_size, MIN_PARALLEL_CODES)
+
+
+@_group_head_op.register_fake
+def _(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], codes.shape[0]))

@@ -14,10 +14,13 @@ a ``bits``-bit code read back as ``zero + scale · code``; the codes bit-packed 
 * **tied LM head** (:meth:`GroupQuantEmbedding.logits`): ``x Êᵀ`` over chunks of the vocabulary (decode a chunk,
   one matmul into its slice of the logits, next chunk), so the extra memory is one chunk, about
   :attr:`~GroupQuantEmbedding.head_chunk_elements` entries. Gradients flow to ``x`` (adapters, the end-to-end phase
-  upstream of the head) through a backward that decodes the chunks again instead of keeping them.
+  upstream of the head) through a backward that decodes the chunks again instead of keeping them. On CPU, for up to
+  :data:`~hf_littlebit.backends.cpu.GROUP_HEAD_MAX_TOKENS` tokens without gradient (token-by-token generation), the
+  packed CPU kernel computes it from the codes in place instead (:func:`~hf_littlebit.backends.cpu.group_head_forward`;
+  ``LITTLEBIT_CPU_KERNEL=0``, or no compiler, leaves the chunked path).
 * The stored tensors are **frozen**: there is no trainable mode (QAT and the calibration's end-to-end phase leave this
   embedding as quantized; it is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the layer-wide switches —
-  trainable mode, backends — pass it by). Plain tensor ops, so any device works.
+  trainable mode, backends — pass it by). Plain tensor ops, so any device works (the CPU head kernel aside).
 
 A tied head is a :class:`~hf_littlebit.nn.embedding.LittleBitTiedHead` over this module, as for the binary format.
 """
@@ -27,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..backends.cpu import group_head_applies, group_head_forward
 from ..format.group_quant import (
     dequantize_groups,
     group_count,
@@ -138,9 +142,15 @@ class GroupQuantEmbedding(nn.Module):
         """``x Êᵀ`` (the tied LM head), the vocabulary decoded one chunk at a time."""
         if not x.dtype.is_floating_point:
             raise TypeError("GroupQuantEmbedding.logits takes hidden states (a floating tensor)")
+        if x.shape[-1] != self.embedding_dim:
+            raise ValueError(f"GroupQuantEmbedding.logits: hidden size {x.shape[-1]}, expected {self.embedding_dim}")
         flat = x.reshape(-1, self.embedding_dim)
-        out = _ChunkedHead.apply(flat, self) if torch.is_grad_enabled() and flat.requires_grad else \
-            self._head_forward(flat)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = _ChunkedHead.apply(flat, self)
+        elif group_head_applies(self, flat):  # few tokens on CPU: the codes read in place by the C++ kernel
+            out = group_head_forward(self, flat)
+        else:
+            out = self._head_forward(flat)
         return out.reshape(*x.shape[:-1], self.num_embeddings)
 
     def _head_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,13 +8,16 @@
 // width and the padding adds nothing. Multiplying by ±1 is done by moving each sign bit into the float's sign bit
 // (a variable left shift of the word) and XOR-ing it into the activation: no int→float conversion, no multiply.
 // Up to 8 tokens share one pass over the sign words (decode). Rows are split across torch.get_num_threads()
-// OpenMP threads; each row is summed by one thread in a fixed order, so results do not depend on the thread count. Built at first use by hf_littlebit.backends.cpu (AVX2 where the CPU has it,
-// portable C++ otherwise).
+// OpenMP threads; each row is summed by one thread in a fixed order, so results do not depend on the thread count.
+//
+// The same extension holds the tied LM head of a few-bit group-quantized embedding (group_head_forward, below).
+// Built at first use by hf_littlebit.backends.cpu (AVX2 + FMA + F16C where the CPU has them, portable C++ otherwise).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -258,11 +261,277 @@ torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vecto
   return x_in.scalar_type() == torch::kFloat ? y : y.to(x_in.scalar_type());
 }
 
+// ------------------------------------------------------------------------------------------------------------------
+// Tied LM head of a few-bit group-quantized embedding (format: hf_littlebit/format/group_quant.py):
+//
+//   logits[t, i] = Σ_g Σ_{j ∈ g} (zero[i, g] + scale[i, g] · code[i, j]) · x[t, j]
+//                = Σ_g scale[i, g] · Σ_{j ∈ g} code[i, j] · x[t, j] + zero[i, g] · Σ_{j ∈ g} x[t, j]
+//
+// computed from the packed code words in place: each row's codes are read once per block of up to 4 tokens, eight
+// at a time, converted to fp32 in registers and multiplied into per-group fp32 accumulators (the second line). Codes
+// form one LSB-first bit stream per row, so the 8 codes that start at column j (j a multiple of 8) are exactly the
+// `bits` bytes that start at byte j · bits / 8 (x86 is little-endian): one small load per 8 codes at every width,
+// straddling codes (3, 5, 6, 7 bits) included. Rows are split across OpenMP threads, each row summed by one thread
+// in a fixed order (results do not depend on the thread count).
+//
+// Fast path (AVX2, group size a multiple of 8): a chunk of 8 codes never crosses a group; only the row's last
+// cols % 8 codes are read one by one. Any other group size (and CPUs without AVX2) takes the generic path: the row
+// is dequantized into a small fp32 buffer (one row, never the matrix), then one dot product per token. So does the
+// tensor's last row, whose chunks the fast path's wide loads could read past.
+
+namespace {
+
+constexpr int64_t kHeadRowBlock = 64;  // vocabulary rows per work item
+constexpr int64_t kHeadTokenBlock = 4;
+
+// Code j of a row, read from whole int32 words (a code straddling two words takes its high bits from the second):
+// never reads beyond the word holding the code's last bit. Independent of the byte order.
+inline uint32_t code_at(const int32_t* row, int64_t j, int bits) {
+  const int64_t bit = j * bits;
+  const int offset = static_cast<int>(bit & 31);
+  uint32_t v = static_cast<uint32_t>(row[bit >> 5]) >> offset;
+  if (offset + bits > 32) v |= static_cast<uint32_t>(row[(bit >> 5) + 1]) << (32 - offset);
+  return v & ((1u << bits) - 1u);
+}
+
+// n scale (or zero) values of one row, stored as fp16, bf16 or fp32, as fp32.
+inline void row_to_floats(const void* base, torch::ScalarType type, int64_t offset, int64_t n, float* out) {
+  switch (type) {
+    case torch::kHalf: {
+#if defined(__F16C__) && defined(__AVX2__)  // immintrin.h is included with AVX2
+      const uint16_t* p = static_cast<const uint16_t*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = _cvtsh_ss(p[i]);
+#else
+      const at::Half* p = static_cast<const at::Half*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+#endif
+      break;
+    }
+    case torch::kBFloat16: {
+      const at::BFloat16* p = static_cast<const at::BFloat16*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = p[i];
+      break;
+    }
+    default: std::copy_n(static_cast<const float*>(base) + offset, n, out);
+  }
+}
+
+struct HeadArgs {
+  const int32_t* codes;  // (rows, words)
+  int64_t words, rows, cols, group_size, groups;
+  int bits;
+  const void* scales;  // (rows, groups), scale_type
+  const void* zeros;
+  torch::ScalarType scale_type;
+  const float* x;  // (tokens, x_stride) fp32, zero beyond cols
+  int64_t tokens, x_stride;
+  const float* x_sums;  // (tokens, groups): Σ of x over each group
+  float* out;  // (tokens, rows)
+};
+
+// Generic path, one row: dequantized into buf (x_stride floats, zero beyond cols), then a dot product per token.
+void head_row_generic(const HeadArgs& a, int64_t r, const float* s, const float* z, float* buf) {
+  const int32_t* row = a.codes + r * a.words;
+  for (int64_t g = 0; g < a.groups; ++g) {
+    const int64_t j1 = std::min(a.cols, (g + 1) * a.group_size);
+    for (int64_t j = g * a.group_size; j < j1; ++j) buf[j] = z[g] + s[g] * static_cast<float>(code_at(row, j, a.bits));
+  }
+  for (int64_t m = 0; m < a.tokens; ++m) {
+    const float* xm = a.x + m * a.x_stride;
+    float part[8] = {};  // x_stride is a multiple of 8: eight partial sums in a fixed order
+    for (int64_t j = 0; j < a.x_stride; j += 8)
+      for (int k = 0; k < 8; ++k) part[k] += buf[j + k] * xm[j + k];
+    a.out[m * a.rows + r] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+}
+
+#if defined(__AVX2__)
+// vpshufb control and shifts for 5–7-bit codes: lane k receives the two bytes that hold code k (a code of ≤ 8 bits
+// spans at most two), the code at bit (k · B) mod 8 of them.
+template <int B>
+struct Spread {
+  alignas(32) int8_t control[32];
+  alignas(32) int32_t shift[8];
+  constexpr Spread() : control{}, shift{} {
+    for (int k = 0; k < 8; ++k) {
+      for (int q = 0; q < 4; ++q) control[4 * k + q] = q < 2 ? static_cast<int8_t>(k * B / 8 + q) : int8_t{-128};
+      shift[k] = k * B % 8;
+    }
+  }
+};
+template <int B>
+constexpr Spread<B> kSpread{};
+
+// The 8 codes of B bits that start at byte p (a chunk: 8 · B bits, B whole bytes), one per 32-bit lane. Reads 4
+// bytes from p (B ≤ 4) or 8 (B ≥ 5), up to 7 past the chunk: callers keep the row of the tensor's end off this path.
+template <int B>
+inline __m256i decode8(const uint8_t* p) {
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+  if constexpr (B == 8) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  } else if constexpr (B <= 4) {  // the chunk fits one 32-bit value: broadcast it, shift code k down to bit 0 of lane k
+    const __m256i shift = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    uint32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(v)), shift), mask);
+  } else {  // 5–7 bits: the chunk's 8 bytes in both 128-bit halves, each code's two bytes moved into its lane
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    const __m256i bytes = _mm256_shuffle_epi8(_mm256_set1_epi64x(static_cast<int64_t>(v)),
+                                              _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpread<B>.control)));
+    const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kSpread<B>.shift));
+    return _mm256_and_si256(_mm256_srlv_epi32(bytes, shift), mask);
+  }
+}
+
+// Fast path, one row, NT ≤ 4 tokens from m0 (group_size a multiple of 8): per group, Σ code · x in NA accumulators
+// per token (NA hides the FMA latency when the tokens are few), then scaled into the token's total; the zero term
+// is zero · Σ_{j∈g} x, the sums of x precomputed per call.
+template <int B, int NT>
+void head_row_simd(const HeadArgs& a, int64_t r, const float* s, const float* z, int64_t m0) {
+  constexpr int NA = NT >= 3 ? 1 : 4 / NT;
+  const int32_t* words = a.codes + r * a.words;
+  const uint8_t* row = reinterpret_cast<const uint8_t*>(words);
+  const float* x = a.x + m0 * a.x_stride;
+  __m256 total[NT];
+  float zero_part[NT];
+  for (int m = 0; m < NT; ++m) {
+    total[m] = _mm256_setzero_ps();
+    zero_part[m] = 0.0f;
+  }
+  for (int64_t g = 0; g < a.groups; ++g) {
+    __m256 acc[NT][NA];
+    for (int m = 0; m < NT; ++m)
+      for (int k = 0; k < NA; ++k) acc[m][k] = _mm256_setzero_ps();
+    const int64_t j1 = std::min(a.cols, (g + 1) * a.group_size);
+    int64_t j = g * a.group_size;
+    const uint8_t* p = row + (j >> 3) * B;  // the chunk at column j (a multiple of 8) starts at byte j · B / 8
+    const float* xj = x + j;
+    for (; j + 8 * NA <= j1; j += 8 * NA, p += NA * B, xj += 8 * NA)
+      for (int k = 0; k < NA; ++k) {
+        const __m256 c = _mm256_cvtepi32_ps(decode8<B>(p + k * B));
+        for (int m = 0; m < NT; ++m)
+          acc[m][k] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xj + m * a.x_stride + 8 * k), acc[m][k]);
+      }
+    for (; j + 8 <= j1; j += 8, p += B, xj += 8) {
+      const __m256 c = _mm256_cvtepi32_ps(decode8<B>(p));
+      for (int m = 0; m < NT; ++m) acc[m][0] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xj + m * a.x_stride), acc[m][0]);
+    }
+    if (j < j1) {  // the row's last cols % 8 codes (groups start at multiples of 8, so only the last group has them)
+      alignas(32) int32_t tail[8] = {};
+      for (int64_t t = j; t < j1; ++t) tail[t - j] = static_cast<int32_t>(code_at(words, t, B));
+      const __m256 c = _mm256_cvtepi32_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(tail)));
+      for (int m = 0; m < NT; ++m) acc[m][0] = _mm256_fmadd_ps(c, _mm256_loadu_ps(x + m * a.x_stride + j), acc[m][0]);
+    }
+    const __m256 scale = _mm256_set1_ps(s[g]);
+    for (int m = 0; m < NT; ++m) {
+      __m256 sum = acc[m][0];
+      for (int k = 1; k < NA; ++k) sum = _mm256_add_ps(sum, acc[m][k]);
+      total[m] = _mm256_fmadd_ps(scale, sum, total[m]);
+      zero_part[m] += z[g] * a.x_sums[(m0 + m) * a.groups + g];
+    }
+  }
+  for (int m = 0; m < NT; ++m) a.out[(m0 + m) * a.rows + r] = hsum(total[m]) + zero_part[m];
+}
+
+// All tokens of one row, in blocks of up to 4 (8 accumulators, two per token, leave the decode its registers
+// among AVX2's 16; each block reads the row's codes once more).
+template <int B>
+void head_row_tokens(const HeadArgs& a, int64_t r, const float* s, const float* z) {
+  for (int64_t m0 = 0; m0 < a.tokens; m0 += kHeadTokenBlock) {
+    switch (std::min(kHeadTokenBlock, a.tokens - m0)) {
+      case 1: head_row_simd<B, 1>(a, r, s, z, m0); break;
+      case 2: head_row_simd<B, 2>(a, r, s, z, m0); break;
+      case 3: head_row_simd<B, 3>(a, r, s, z, m0); break;
+      default: head_row_simd<B, 4>(a, r, s, z, m0); break;
+    }
+  }
+}
+
+using HeadRowFn = void (*)(const HeadArgs&, int64_t, const float*, const float*);
+
+HeadRowFn simd_row_fn(int bits) {
+  switch (bits) {
+    case 1: return head_row_tokens<1>;
+    case 2: return head_row_tokens<2>;
+    case 3: return head_row_tokens<3>;
+    case 4: return head_row_tokens<4>;
+    case 5: return head_row_tokens<5>;
+    case 6: return head_row_tokens<6>;
+    case 7: return head_row_tokens<7>;
+    default: return head_row_tokens<8>;
+  }
+}
+#endif
+
+}  // namespace
+
+// x (tokens, cols) in fp32, bf16 or fp16 → logits (tokens, rows) in x's dtype, computed in fp32. codes: (rows,
+// ⌈cols · bits / 32⌉) int32; scales, zeros: (rows, ⌈cols / group_size⌉) fp16, bf16 or fp32. Calls with fewer than
+// min_parallel code × token products run on one thread.
+torch::Tensor group_head_forward(const torch::Tensor& x_in, const torch::Tensor& codes, const torch::Tensor& scales_in,
+                                 const torch::Tensor& zeros_in, int64_t bits, int64_t group_size,
+                                 int64_t min_parallel) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.device().is_cpu(), "group_head_forward: x must be a 2-D CPU tensor");
+  TORCH_CHECK(bits >= 1 && bits <= 8, "group_head_forward: bits must be 1–8, got ", bits);
+  TORCH_CHECK(group_size >= 1, "group_head_forward: group_size must be positive");
+  check_bits(codes, "codes");
+  const int64_t rows = codes.size(0), cols = x_in.size(1), tokens = x_in.size(0);
+  const int64_t groups = (cols + group_size - 1) / group_size;
+  TORCH_CHECK(codes.size(1) == (cols * bits + 31) / 32, "group_head_forward: codes width does not match x's width");
+  const torch::Tensor scales = scales_in.contiguous(), zeros = zeros_in.contiguous();
+  for (const torch::Tensor* t : {&scales, &zeros}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->size(0) == rows && t->size(1) == groups,
+                "group_head_forward: scales and zeros must be CPU tensors of shape (rows, groups)");
+    TORCH_CHECK(t->scalar_type() == scales.scalar_type(), "group_head_forward: scales and zeros differ in dtype");
+    TORCH_CHECK(t->scalar_type() == torch::kHalf || t->scalar_type() == torch::kBFloat16 ||
+                t->scalar_type() == torch::kFloat, "group_head_forward: scales must be float16, bfloat16 or float32");
+  }
+  // x as fp32 rows padded with zeros to a multiple of 8 columns (the last chunk of 8 meets zeros past cols)
+  const int64_t x_stride = (cols + 7) & ~int64_t{7};
+  const torch::Tensor xf = x_in.to(torch::kFloat).contiguous();
+  std::vector<float> xb(tokens * x_stride, 0.0f);
+  for (int64_t m = 0; m < tokens; ++m) std::copy_n(xf.data_ptr<float>() + m * cols, cols, xb.data() + m * x_stride);
+  std::vector<float> x_sums(tokens * groups, 0.0f);
+  for (int64_t m = 0; m < tokens; ++m)
+    for (int64_t j = 0; j < cols; ++j) x_sums[m * groups + j / group_size] += xb[m * x_stride + j];
+  torch::Tensor out = torch::empty({tokens, rows}, xf.options());
+  const HeadArgs a{codes.data_ptr<int32_t>(), codes.size(1), rows, cols, group_size, groups, static_cast<int>(bits),
+                   scales.data_ptr(), zeros.data_ptr(), scales.scalar_type(), xb.data(), tokens, x_stride,
+                   x_sums.data(), out.data_ptr<float>()};
+#if defined(__AVX2__)
+  const HeadRowFn fast = group_size % 8 == 0 ? simd_row_fn(static_cast<int>(bits)) : nullptr;
+#endif
+  const int threads = rows * cols * tokens < min_parallel ? 1 : at::get_num_threads();
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> s(groups), z(groups), buf(x_stride, 0.0f);
+#pragma omp for schedule(static)
+    for (int64_t r0 = 0; r0 < rows; r0 += kHeadRowBlock) {
+      for (int64_t r = r0; r < std::min(rows, r0 + kHeadRowBlock); ++r) {
+        row_to_floats(a.scales, a.scale_type, r * groups, groups, s.data());
+        row_to_floats(a.zeros, a.scale_type, r * groups, groups, z.data());
+#if defined(__AVX2__)
+        if (fast != nullptr && r + 1 < rows) {  // the last row's codes end the tensor: decode8 could read past it
+          fast(a, r, s.data(), z.data());
+          continue;
+        }
+#endif
+        head_row_generic(a, r, s.data(), z.data(), buf.data());
+      }
+    }
+  }
+  return x_in.scalar_type() == torch::kFloat ? out : out.to(x_in.scalar_type());
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // The GIL is released while the kernels run: other Python threads (a server's) keep going.
   m.def("binary_lowrank_forward", &binary_lowrank_forward,
         "Packed binary low-rank layer forward on CPU (sign words read directly)",
         py::call_guard<py::gil_scoped_release>());
   m.def("unpack_signs_f32", &unpack_signs_f32, "±1.0 float32 rows from packed sign words",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("group_head_forward", &group_head_forward,
+        "Tied LM head of a group-quantized embedding on CPU (packed codes read directly)",
         py::call_guard<py::gil_scoped_release>());
 }
