@@ -283,6 +283,7 @@ namespace {
 
 constexpr int64_t kHeadRowBlock = 64;  // vocabulary rows per work item
 constexpr int64_t kHeadTokenBlock = 4;
+constexpr int64_t kHeadPrefetchRows = 8;
 
 // Code j of a row, read from whole int32 words (a code straddling two words takes its high bits from the second):
 // never reads beyond the word holding the code's last bit. Independent of the byte order.
@@ -438,6 +439,10 @@ void head_row_simd(const HeadArgs& a, int64_t r, const float* s, const float* z,
 // among AVX2's 16; each block reads the row's codes once more).
 template <int B>
 void head_row_tokens(const HeadArgs& a, int64_t r, const float* s, const float* z) {
+  if (r + kHeadPrefetchRows < a.rows - 1) {  // a few rows ahead: the hardware prefetcher alone leaves DRAM waits
+    const char* next = reinterpret_cast<const char*>(a.codes + (r + kHeadPrefetchRows) * a.words);
+    for (int64_t off = 0; off < a.words * 4; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+  }
   for (int64_t m0 = 0; m0 < a.tokens; m0 += kHeadTokenBlock) {
     switch (std::min(kHeadTokenBlock, a.tokens - m0)) {
       case 1: head_row_simd<B, 1>(a, r, s, z, m0); break;
