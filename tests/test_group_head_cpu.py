@@ -1,6 +1,6 @@
 """The CPU kernel of the group-quantized tied head (``group_head_forward`` in the packed CPU extension) against the
 PyTorch chunked path and ``x @ Êᵀ``: every code width (straddling codes included), hidden sizes that the group size
-does not divide, group sizes that are not multiples of 8 (the generic path), 1–16 tokens, fp32/bf16 activations and
+does not divide, group sizes that are not multiples of 8 (the generic path), 1–37 tokens, fp32/bf16 activations and
 scale dtypes; the dispatch from ``GroupQuantEmbedding.logits`` (and ``LITTLEBIT_CPU_KERNEL=0``), thread-count
 independence, ``torch.compile``, and greedy generation of a whole tiny tied model with the kernel on and off.
 """
@@ -63,7 +63,7 @@ def test_kernel_equals_the_pytorch_path_and_the_dequantized_product(kernel, bits
     emb = embedding(bits, hidden, group_size)
     dense = emb.dequantize_weight()
     gen = torch.Generator().manual_seed(hidden + bits)
-    for tokens in (1, 3, 5, 16):
+    for tokens in (1, 3, 5, 16, 37):
         x = torch.randn(tokens, hidden, generator=gen)
         got = cpu_backend.group_head_forward(emb, x)
         ref = x @ dense.T
@@ -116,7 +116,7 @@ def test_logits_dispatch_to_the_kernel_for_few_tokens_without_gradient(kernel, m
     emb = embedding(4, 64, 16)
     dense = emb.dequantize_weight()
     rows = count_decodes(monkeypatch)
-    x = torch.randn(2, 8, 64)  # 16 tokens: the kernel's limit
+    x = torch.randn(2, 8, 64)  # 16 tokens, in two sequences
     with torch.no_grad():
         logits = emb.logits(x)
     assert rows == [] and logits.shape == (2, 8, VOCAB)

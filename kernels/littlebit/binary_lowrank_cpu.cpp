@@ -267,8 +267,9 @@ torch::Tensor binary_lowrank_forward(const torch::Tensor& x_in, const std::vecto
 //   logits[t, i] = Σ_g Σ_{j ∈ g} (zero[i, g] + scale[i, g] · code[i, j]) · x[t, j]
 //                = Σ_g scale[i, g] · Σ_{j ∈ g} code[i, j] · x[t, j] + zero[i, g] · Σ_{j ∈ g} x[t, j]
 //
-// computed from the packed code words in place: each row's codes are read once per block of up to 4 tokens, eight
-// at a time, converted to fp32 in registers and multiplied into per-group fp32 accumulators (the second line). Codes
+// computed from the packed code words in place, eight codes at a time converted to fp32 in registers and multiplied
+// into per-group fp32 accumulators (the second line); a block of 64 rows is read from memory once, blocks of up to 4
+// tokens take turns over it while it is in cache. Codes
 // form one LSB-first bit stream per row, so the 8 codes that start at column j (j a multiple of 8) are exactly the
 // `bits` bytes that start at byte j · bits / 8 (x86 is little-endian): one small load per 8 codes at every width,
 // straddling codes (3, 5, 6, 7 bits) included. Rows are split across OpenMP threads, each row summed by one thread
@@ -295,7 +296,7 @@ inline uint32_t code_at(const int32_t* row, int64_t j, int bits) {
   return v & ((1u << bits) - 1u);
 }
 
-// n scale (or zero) values of one row, stored as fp16, bf16 or fp32, as fp32.
+// n consecutive scale (or zero) values, stored as fp16, bf16 or fp32, as fp32.
 inline void row_to_floats(const void* base, torch::ScalarType type, int64_t offset, int64_t n, float* out) {
   switch (type) {
     case torch::kHalf: {
@@ -435,36 +436,42 @@ void head_row_simd(const HeadArgs& a, int64_t r, const float* s, const float* z,
   for (int m = 0; m < NT; ++m) a.out[(m0 + m) * a.rows + r] = hsum(total[m]) + zero_part[m];
 }
 
-// All tokens of one row, in blocks of up to 4 (8 accumulators, two per token, leave the decode its registers
-// among AVX2's 16; each block reads the row's codes once more).
+// Rows [r0, r1) (never the tensor's last), every token: blocks of up to 4 tokens (8 accumulators, two per token,
+// leave the decode its registers among AVX2's 16) outside, the rows inside, so that a block's x and the rows' codes
+// stay in cache from one use to the next. s, z: the rows' scales and zeros, (r1 − r0, groups).
 template <int B>
-void head_row_tokens(const HeadArgs& a, int64_t r, const float* s, const float* z) {
-  if (r + kHeadPrefetchRows < a.rows - 1) {  // a few rows ahead: the hardware prefetcher alone leaves DRAM waits
-    const char* next = reinterpret_cast<const char*>(a.codes + (r + kHeadPrefetchRows) * a.words);
-    for (int64_t off = 0; off < a.words * 4; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
-  }
+void head_rows_simd(const HeadArgs& a, int64_t r0, int64_t r1, const float* s, const float* z) {
   for (int64_t m0 = 0; m0 < a.tokens; m0 += kHeadTokenBlock) {
-    switch (std::min(kHeadTokenBlock, a.tokens - m0)) {
-      case 1: head_row_simd<B, 1>(a, r, s, z, m0); break;
-      case 2: head_row_simd<B, 2>(a, r, s, z, m0); break;
-      case 3: head_row_simd<B, 3>(a, r, s, z, m0); break;
-      default: head_row_simd<B, 4>(a, r, s, z, m0); break;
+    const int64_t n = std::min(kHeadTokenBlock, a.tokens - m0);
+    for (int64_t r = r0; r < r1; ++r) {
+      if (m0 == 0 && r + kHeadPrefetchRows < a.rows) {  // the hardware prefetcher alone leaves DRAM waits
+        const char* next = reinterpret_cast<const char*>(a.codes + (r + kHeadPrefetchRows) * a.words);
+        for (int64_t off = 0; off < a.words * 4; off += 64) _mm_prefetch(next + off, _MM_HINT_T0);
+      }
+      const float* sr = s + (r - r0) * a.groups;
+      const float* zr = z + (r - r0) * a.groups;
+      switch (n) {
+        case 1: head_row_simd<B, 1>(a, r, sr, zr, m0); break;
+        case 2: head_row_simd<B, 2>(a, r, sr, zr, m0); break;
+        case 3: head_row_simd<B, 3>(a, r, sr, zr, m0); break;
+        default: head_row_simd<B, 4>(a, r, sr, zr, m0); break;
+      }
     }
   }
 }
 
-using HeadRowFn = void (*)(const HeadArgs&, int64_t, const float*, const float*);
+using HeadRowsFn = void (*)(const HeadArgs&, int64_t, int64_t, const float*, const float*);
 
-HeadRowFn simd_row_fn(int bits) {
+HeadRowsFn simd_rows_fn(int bits) {
   switch (bits) {
-    case 1: return head_row_tokens<1>;
-    case 2: return head_row_tokens<2>;
-    case 3: return head_row_tokens<3>;
-    case 4: return head_row_tokens<4>;
-    case 5: return head_row_tokens<5>;
-    case 6: return head_row_tokens<6>;
-    case 7: return head_row_tokens<7>;
-    default: return head_row_tokens<8>;
+    case 1: return head_rows_simd<1>;
+    case 2: return head_rows_simd<2>;
+    case 3: return head_rows_simd<3>;
+    case 4: return head_rows_simd<4>;
+    case 5: return head_rows_simd<5>;
+    case 6: return head_rows_simd<6>;
+    case 7: return head_rows_simd<7>;
+    default: return head_rows_simd<8>;
   }
 }
 #endif
@@ -505,25 +512,26 @@ torch::Tensor group_head_forward(const torch::Tensor& x_in, const torch::Tensor&
                    scales.data_ptr(), zeros.data_ptr(), scales.scalar_type(), xb.data(), tokens, x_stride,
                    x_sums.data(), out.data_ptr<float>()};
 #if defined(__AVX2__)
-  const HeadRowFn fast = group_size % 8 == 0 ? simd_row_fn(static_cast<int>(bits)) : nullptr;
+  const HeadRowsFn fast = group_size % 8 == 0 ? simd_rows_fn(static_cast<int>(bits)) : nullptr;
 #endif
   const int threads = rows * cols * tokens < min_parallel ? 1 : at::get_num_threads();
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> s(groups), z(groups), buf(x_stride, 0.0f);
+    std::vector<float> s(kHeadRowBlock * groups), z(kHeadRowBlock * groups), buf(x_stride, 0.0f);
 #pragma omp for schedule(static)
     for (int64_t r0 = 0; r0 < rows; r0 += kHeadRowBlock) {
-      for (int64_t r = r0; r < std::min(rows, r0 + kHeadRowBlock); ++r) {
-        row_to_floats(a.scales, a.scale_type, r * groups, groups, s.data());
-        row_to_floats(a.zeros, a.scale_type, r * groups, groups, z.data());
+      const int64_t r1 = std::min(rows, r0 + kHeadRowBlock);
+      row_to_floats(a.scales, a.scale_type, r0 * groups, (r1 - r0) * groups, s.data());
+      row_to_floats(a.zeros, a.scale_type, r0 * groups, (r1 - r0) * groups, z.data());
+      int64_t r = r0;
 #if defined(__AVX2__)
-        if (fast != nullptr && r + 1 < rows) {  // the last row's codes end the tensor: decode8 could read past it
-          fast(a, r, s.data(), z.data());
-          continue;
-        }
-#endif
-        head_row_generic(a, r, s.data(), z.data(), buf.data());
+      if (fast != nullptr) {  // all rows but the tensor's last, whose chunks decode8's wide loads could read past
+        r = std::max(r0, std::min(r1, rows - 1));
+        if (r > r0) fast(a, r0, r, s.data(), z.data());
       }
+#endif
+      for (; r < r1; ++r)
+        head_row_generic(a, r, s.data() + (r - r0) * groups, z.data() + (r - r0) * groups, buf.data());
     }
   }
   return x_in.scalar_type() == torch::kFloat ? out : out.to(x_in.scalar_type());
