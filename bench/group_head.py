@@ -10,7 +10,8 @@ machine hits them alike), ``--repeat`` rounds after 2 warm-up calls each, and th
 
 * ``pytorch``: ``GroupQuantEmbedding._head_forward``, the chunked decode + matmul (what ``logits`` runs on more
   than ``GROUP_HEAD_MAX_TOKENS`` = 64 tokens, with a gradient, or without the kernel);
-* ``kernel``: ``GroupQuantEmbedding.logits``, which dispatches to the C++ kernel (Python overhead included);
+* ``kernel``: ``GroupQuantEmbedding.logits``, which dispatches to the C++ kernel (Python overhead included; past
+  ``GROUP_HEAD_MAX_TOKENS`` tokens, where ``logits`` would not, ``group_head_forward`` itself);
 * ``fp32`` / ``bf16``: ``x @ Wᵀ`` with the dense embedding in that dtype (x in the same dtype).
 
 Memory: the MiB each head keeps resident (stored tensors) and the extra peak resident memory of one 4-token call
@@ -34,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from hf_littlebit.assets import SMOLLM2, default_cache_dir
-from hf_littlebit.backends.cpu import cpu_kernel_available, group_head_applies
+from hf_littlebit.backends.cpu import cpu_kernel_available, group_head_applies, group_head_forward
 from hf_littlebit.nn.group_embedding import GroupQuantEmbedding
 
 KEY = "model.embed_tokens.weight"
@@ -117,8 +118,9 @@ def main() -> None:
                 for tokens in args.tokens:
                     x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(tokens))
                     xb = x.to(torch.bfloat16)
-                    assert group_head_applies(emb, x)
-                    ms = median_ms({"pytorch": (emb._head_forward, x), "kernel": (emb.logits, x),
+                    # past GROUP_HEAD_MAX_TOKENS logits would not dispatch: the kernel is called directly
+                    kernel = (emb.logits, x) if group_head_applies(emb, x) else (group_head_forward, emb, x)
+                    ms = median_ms({"pytorch": (emb._head_forward, x), "kernel": kernel,
                                     "fp32": (torch.matmul, x, dense["fp32"].T),
                                     "bf16": (torch.matmul, xb, dense["bf16"].T)}, args.repeat)
                     rows.append({"bits": bits, "group_size": args.group_size, "threads": threads, "tokens": tokens,
