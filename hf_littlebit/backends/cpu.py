@@ -39,9 +39,9 @@ MIN_PARALLEL_SIGNS = 1 << 17
 
 #: Up to this many tokens a group-quantized tied head (``GroupQuantEmbedding.logits``) runs the kernel; above it the
 #: embedding's chunked decode + GEMM, whose decoding cost is shared by all the tokens. On SmolLM2's 49,152 × 576 head
-#: (1 thread) the kernel is 2-3× faster at 64 tokens and even at ~128 (BENCHMARKS.md, issue 22).
+#: (1 thread) the kernel is ~3× faster at 64 tokens and the two meet near 128 (BENCHMARKS.md, issue 22).
 GROUP_HEAD_MAX_TOKENS = 64
-#: Group-head calls with fewer code × token products run on one thread.
+#: Group-head calls with fewer code × token products run on one thread (the binary kernel's limit; not tuned apart).
 MIN_PARALLEL_CODES = 1 << 17
 
 logger = logging.getLogger(__name__)

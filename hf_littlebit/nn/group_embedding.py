@@ -139,7 +139,8 @@ class GroupQuantEmbedding(nn.Module):
         return scaled_rows(self, self.decode(flat)).reshape(*input_ids.shape, self.embedding_dim)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Êᵀ`` (the tied LM head), the vocabulary decoded one chunk at a time."""
+        """``x Êᵀ`` (the tied LM head): the CPU kernel for few tokens without gradient, else the vocabulary decoded
+        one chunk at a time."""
         if not x.dtype.is_floating_point:
             raise TypeError("GroupQuantEmbedding.logits takes hidden states (a floating tensor)")
         if x.shape[-1] != self.embedding_dim:
