@@ -6,6 +6,13 @@ import argparse
 
 from .recipes import DEFAULT_RECIPE, RECIPES
 
+
+def _per_recipe(field: str) -> str:
+    """``demo 128, standard 128``: a calibration field's value in each recipe, for the help of the flag that overrides
+    it (read from the recipes, so the help never drifts from them)."""
+    return ", ".join(f"{r.name} {r.fields.get(field, 0)}" for r in RECIPES)
+
+
 DEFAULT_MAX_TOKENS = 8192
 
 
@@ -67,19 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-minutes", type=float, default=None,
                         help="pick the longest recipe that fits this many minutes of quantization (scaled by the "
                              "model's parameter count from the SmolLM2 measurements)")
-    q.add_argument("--calib-samples", type=int, default=None, help="calibration sequences (recipe: 32 or 128)")
-    q.add_argument("--calib-seqlen", type=int, default=None, help="tokens per calibration sequence (recipe: 256)")
+    q.add_argument("--calib-samples", type=int, default=None,
+                   help=f"calibration sequences (recipes: {_per_recipe('calibration_samples')})")
+    q.add_argument("--calib-seqlen", type=int, default=None,
+                   help=f"tokens per calibration sequence (recipes: {_per_recipe('calibration_seqlen')})")
     q.add_argument("--steps", type=int, default=None,
-                   help="optimiser steps per transformer block (recipe: 30 or 100; more is better)")
+                   help=f"optimiser steps per transformer block (recipes: {_per_recipe('calibration_steps')}; more is "
+                        "better)")
     q.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
                    help="measure the fp model's output-gradient Fisher diagonal first and use it to precondition "
                         "each factorisation and to weight the block loss (one extra forward/backward pass)")
     q.add_argument("--mitigation-steps", type=int, default=None,
                    help="error-propagation mitigation: factorise a block's layers one at a time, each after this many "
-                        "Adam steps on the block's still-dense weights (0: off)")
+                        f"Adam steps on the block's still-dense weights (0: off; recipes: "
+                        f"{_per_recipe('calibration_mitigation_steps')})")
     q.add_argument("--e2e-steps", type=int, default=None,
                    help="steps of the end-to-end phase after the block-wise pass (scales tuned on the fp model's "
-                        "next-token distribution; recipe: 20 or 30, 0 skips it)")
+                        f"next-token distribution; 0 skips it; recipes: {_per_recipe('calibration_e2e_steps')})")
     q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)
