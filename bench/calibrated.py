@@ -6,6 +6,8 @@ usage: python bench/calibrated.py [--bpw 1.0 0.55 0.3 0.1] [--methods littlebit 
                                   [--max-tokens 8192] [--out bench/results/calibrated.json]
                                   [--plot bench/results/calibrated.png] [--report-only] [--skip-done]
                                   [--no-data-free] [--set FIELD=VALUE ...] [--tag SUFFIX]
+       python bench/calibrated.py --report-only --out A.json [--merge B.json ...] [--plot P.png]
+                                  [--series REGEX=LABEL ...] [--title TITLE]
 
 Every row is measured in this run on the same first ``--max-tokens`` tokens of the test split (2048-token windows):
 the fp model, HQQ at 2/3/4 bits (group 64), GPTQ (``bench/gptq.py``, calibrated on the same ``--samples`` ×
@@ -58,6 +60,10 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--merge", nargs="*", default=[], help="with --report-only: more result files to report together")
     ap.add_argument("--plot-kinds", default=None, help="with --report-only: regex of the row kinds to plot")
+    ap.add_argument("--title", default="SmolLM2-135M: calibrated block reconstruction vs data-free")
+    ap.add_argument("--series", nargs="*", default=[], metavar="REGEX=LABEL",
+                    help="with --report-only: plot only rows whose name matches a REGEX, as one line per LABEL "
+                         "(rows measured under different tags become one series)")
     args = ap.parse_args()
     out = Path(args.out)
     rows: list[dict] = json.loads(out.read_text())["rows"] if (args.skip_done or args.report_only) and out.exists() \
@@ -69,7 +75,11 @@ def main() -> None:
         print(markdown(rows))
         if args.plot:
             shown = [r for r in rows if args.plot_kinds is None or re.search(args.plot_kinds, r["kind"])]
-            plot(shown, Path(args.plot))
+            if args.series:
+                series = [item.split("=", 1) for item in args.series]
+                shown = [{**r, "kind": next(label for pattern, label in series if re.search(pattern, r["name"]))}
+                         for r in shown if any(re.search(pattern, r["name"]) for pattern, _ in series)]
+            plot(shown, Path(args.plot), args.title)
         return
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()
@@ -166,7 +176,8 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, title: str = "SmolLM2-135M: calibrated block reconstruction vs data-free"
+         ) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -179,14 +190,14 @@ def plot(rows: list[dict], path: Path) -> None:
         if kind.startswith("fp32"):
             ax.axhline(pts[0][1], color="k", ls="--", lw=1, label=f"fp model ({pts[0][1]:.1f})")
             continue
-        style = "s" if kind.startswith(("hqq", "gptq")) else ("o" if "calibrated" in kind else "x")
+        style = "s" if kind.lower().startswith(("hqq", "gptq")) else ("x" if "data-free" in kind else "o")
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=style, ls="-" if len(pts) > 1 else "",
                 label=kind)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("true bits per weight of the decoder linear layers")
     ax.set_ylabel("perplexity (Wikipedia test split)")
-    ax.set_title("SmolLM2-135M: calibrated block reconstruction vs data-free")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
