@@ -5,7 +5,7 @@ bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md). A budget picks the longest 
 model's parameter count (the time of every phase grows about linearly with it), fits — longer recipes use more data
 and steps, but the two were measured at different bpw (``measured`` says which), so "longer" is not yet shown to be
 better at every rate. Explicit command-line flags override single fields of the chosen recipe (and are not counted
-in its time). Without a budget the command runs :data:`DEFAULT_RECIPE`, the one the README's main job uses (~6.5
+in its time). Without a budget the command runs :data:`DEFAULT_RECIPE`, the one the README's main job uses (~10
 minutes).
 """
 
@@ -29,10 +29,10 @@ class Recipe:
 
 
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("demo", 6.5, {
+    Recipe("demo", 10.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
-        "calibration_steps": 30, "calibration_mitigation_steps": 4, "calibration_e2e_steps": 40,
-    }, "perplexity 746 at 0.55 bpw (fp 20.4)"),
+        "calibration_steps": 50, "calibration_mitigation_steps": 4, "calibration_e2e_steps": 70,
+    }, "perplexity 430 at 0.55 bpw (fp 20.4)"),
     Recipe("standard", 21.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
         "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
