@@ -24,6 +24,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -104,7 +105,7 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, references: Sequence[str] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,9 +113,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for scope, marker in (("linears only", "o"), ("whole model", "s")):
-        pts = sorted((r["checkpoint_bytes"] / 1e6, r["ppl"]) for r in rows if r["scope"] == scope)
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", label=scope)
+        for calibrated in (False, True):
+            pts = sorted((r["checkpoint_bytes"] / 1e6, r["ppl"]) for r in rows
+                         if r["scope"] == scope and bool(r.get("calibrated")) == calibrated)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker=marker, linestyle="none", fillstyle="full" if calibrated
+                        else "none", label=f"{scope}, {'calibrated' if calibrated else 'data-free'}")
+    for item in references:  # "LABEL:MB:PPL", a point measured by another harness (say which in the label)
+        label, mb, ppl = item.rsplit(":", 2)
+        ax.plot([float(mb)], [float(ppl)], marker="D", linestyle="none", label=label)
     ax.set_xlabel("checkpoint MB (safetensors)")
     ax.set_ylabel("perplexity (Wikipedia test split)")
     ax.set_yscale("log")
@@ -169,6 +176,8 @@ def main() -> None:
     ap.add_argument("--out", default="bench/results/whole_model.json")
     ap.add_argument("--plot", default="bench/results/whole_model.png")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--reference", nargs="*", default=[], metavar="LABEL:MB:PPL",
+                    help="with --report-only: extra plot points measured elsewhere (the label should say where)")
     ap.add_argument("--fill-rates", action="store_true",
                     help="add the linears / embedding split to whole-model rows of --out that lack it (plans only)")
     args = ap.parse_args()
@@ -186,7 +195,7 @@ def main() -> None:
         rows = json.loads(out.read_text())["rows"]
         print(markdown(rows))
         if args.plot:
-            plot(rows, Path(args.plot))
+            plot(rows, Path(args.plot), args.reference)
         return
     torch.set_num_threads(2)
     hf_logging.disable_progress_bar()
