@@ -125,7 +125,7 @@ def plot(rows: list[dict], path: Path, references: Sequence[str] = ()) -> None:
     ax.set_xlabel("checkpoint MB (safetensors)")
     ax.set_ylabel("perplexity (Wikipedia test split)")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(fontsize=7, loc="center right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
