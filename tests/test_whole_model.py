@@ -155,9 +155,10 @@ print(json.dumps({"head": type(model.lm_head).__name__, "embedding": type(model.
 """
 
 
-@pytest.mark.parametrize("arch", ["llama_tied", "qwen2", "gemma3"])
-def test_fresh_process_reload_is_identical(arch, tmp_path):
-    model = quantized(arch)
+def reload_in_fresh_process(model, tmp_path: Path) -> tuple[dict, dict]:  # noqa: ANN001 - any causal LM
+    """Save ``model``, reload it with plain ``from_pretrained`` in a fresh process (no load warnings allowed), check
+    that its logits on :func:`ids` are identical and that every tensor it shares with ``model`` is bit-identical;
+    returns the reloaded embedding/head class names and the reloaded state dict."""
     tokens = ids()
     logits = model(tokens).logits
     model.save_pretrained(tmp_path / "q")
@@ -167,15 +168,20 @@ def test_fresh_process_reload_is_identical(arch, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     for word in ("load report", "missing", "unexpected", "mismatch", "newly initialized", "not used"):
         assert word not in out.stderr.lower(), out.stderr[-3000:]
-    kinds = json.loads(out.stdout.strip().splitlines()[-1])
-    assert kinds["embedding"] == "LittleBitEmbedding"
-    assert kinds["head"] == ("LittleBitLinear" if arch == "qwen2" else "LittleBitTiedHead")
     reloaded = torch.load(tmp_path / "out.pt")
     assert torch.equal(reloaded["logits"], logits)
-    state = model.state_dict()
-    assert set(reloaded["state"]) == set(state)
-    for key, value in state.items():
+    for key, value in model.state_dict().items():
         assert value.dtype == reloaded["state"][key].dtype and torch.equal(value, reloaded["state"][key]), key
+    return json.loads(out.stdout.strip().splitlines()[-1]), reloaded["state"]
+
+
+@pytest.mark.parametrize("arch", ["llama_tied", "qwen2", "gemma3"])
+def test_fresh_process_reload_is_identical(arch, tmp_path):
+    model = quantized(arch)
+    kinds, state = reload_in_fresh_process(model, tmp_path)
+    assert kinds["embedding"] == "LittleBitEmbedding"
+    assert kinds["head"] == ("LittleBitLinear" if arch == "qwen2" else "LittleBitTiedHead")
+    assert set(state) == set(model.state_dict())
 
 
 # ---------------------------------------------------------------------------------------------------- budget
