@@ -32,6 +32,7 @@ BACKEND_CHOICES = ("auto", "torch", "triton", "cpu")
 EMBEDDING_BITS = tuple(range(2, 9))  # widths of the group-quantized embedding (hf_littlebit.format.group_quant)
 
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+DENSE_SAVE_DTYPES = SCALE_DTYPES  # the same three widths for the dense remainder of a checkpoint
 
 # The paper's `kv_factor` acts on modules whose name ends in k_proj / v_proj.
 KV_PATTERN = r"\.(k_proj|v_proj)$"
@@ -154,6 +155,12 @@ class LittleBitConfig(QuantizationConfigMixin):
             low-rank. Much lower error on real embeddings at a few bits (BENCHMARKS.md, issue 22).
         embedding_group_size: entries per group of ``embedding_bits`` (default 64); need not divide the hidden size
             (the last group of a row is then shorter).
+        dense_save_dtype: dtype in which saving writes the *dense remainder* — every tensor outside the packed
+            layers: the embedding and LM head unless ``whole_model``, norms, biases and layers left unconverted
+            (``"float16"``, ``"bfloat16"``, ``"float32"``). ``None`` (default) writes them as the model holds them, so
+            a model quantized in fp32 saves a 32-bit embedding. The model in memory is not changed; a reload in a
+            wider dtype upcasts (``littlebit quantize`` sets ``"bfloat16"`` and rounds the model first, so what it
+            measures is what it saved). The packed tensors keep their own format.
         layer_ranks: filled by the quantizer: the rank of every converted layer, so a saved model rebuilds its
             shapes on load without re-deriving them.
         tied_heads: filled by the quantizer with ``whole_model``: ``{head module: embedding module}`` for an LM head
@@ -201,6 +208,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         whole_model: bool = False,
         embedding_bits: int | None = None,
         embedding_group_size: int = 64,
+        dense_save_dtype: str | None = None,
         layer_ranks: dict[str, int] | None = None,
         tied_heads: dict[str, str] | None = None,
         group_embedding: str | None = None,
@@ -247,6 +255,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.embedding_bits = embedding_bits
         self.embedding_group_size = embedding_group_size
         self.group_embedding = group_embedding
+        self.dense_save_dtype = str(dense_save_dtype).removeprefix("torch.") if dense_save_dtype is not None else None
         self.layer_ranks = dict(layer_ranks or {})
         self.tied_heads = dict(tied_heads or {})
         self.format_version = format_version
@@ -289,6 +298,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             raise ValueError(
                 f"LittleBitConfig: scale_dtype must be one of {list(SCALE_DTYPES)}, got {self.scale_dtype!r}"
             )
+        if self.dense_save_dtype is not None and self.dense_save_dtype not in DENSE_SAVE_DTYPES:
+            raise ValueError(f"LittleBitConfig: dense_save_dtype must be None or one of {list(DENSE_SAVE_DTYPES)}, "
+                             f"got {self.dense_save_dtype!r}")
         if not _is_int(self.min_rank) or self.min_rank < 1:
             raise ValueError(f"LittleBitConfig: min_rank must be a positive integer, got {self.min_rank!r}")
         if not _is_int(self.itq_iterations) or self.itq_iterations < 0:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 
 from hf_littlebit.cli.main import main
 
@@ -38,6 +39,9 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
     assert result["bpw_checkpoint"] > result["bpw_true"]  # the tiny model's fp32 embeddings and head dominate
     assert result["ppl_fp"] > 1 and result["ppl_quantized"] > 1
     assert (out_dir / "README.md").exists() and (out_dir / "tokenizer.json").exists()
+    assert result["save_dtype"] == "bfloat16"  # the dense remainder is saved in bf16 by default
+    with safe_open(str(out_dir / "model.safetensors"), framework="pt") as f:
+        assert str(f.get_slice("model.embed_tokens.weight").get_dtype()) == "BF16"
 
     code, out, err = run(capsys, "info", out_dir)
     assert code == 0 and "converted layers (14)" in out and "bpw_true" not in err
@@ -117,6 +121,13 @@ def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
     assert code == 0, err
     result = json.loads(out)
     assert result["method"] == "littlebit" and result["allocation"] == "uniform" and result["calibrated"] is False
+    code, out, err = run(capsys, "quantize", fp_checkpoint("llama"), "--no-calibrate", "--json", "--save-dtype",
+                         "float32", "--out", tmp_path / "wide")
+    assert code == 0, err
+    wide = json.loads(out)
+    assert wide["save_dtype"] == "float32" and wide["checkpoint_bytes"] > result["checkpoint_bytes"]
+    with safe_open(str(tmp_path / "wide" / "model.safetensors"), framework="pt") as f:
+        assert str(f.get_slice("model.embed_tokens.weight").get_dtype()) == "F32"
 
 
 def test_default_auto_allocation_falls_back_to_uniform_when_min_rank_does_not_fit(capsys, tiny_with_tokenizer,

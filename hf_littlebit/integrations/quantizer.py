@@ -19,7 +19,7 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils import logging
 
-from ..config import FORMAT_VERSION, LittleBitConfig
+from ..config import DENSE_SAVE_DTYPES, FORMAT_VERSION, LittleBitConfig
 from ..errors import LittleBitCheckpointError, LittleBitQuantizationError, LittleBitTrainingError
 from ..nn.embedding import LittleBitEmbedding, LittleBitTiedHead
 from ..nn.experts import FUSED_TO_LIST, LittleBitExperts, merge_experts_
@@ -32,6 +32,7 @@ from ..quantize.layers import note_data_free, quantize_layer_, replace_linears
 from ..quantize.plan import plan_conversion, resolve_modules_to_not_convert, warn_unconverted
 from ..quantize.whole_model import attach_tied_heads, retie
 from .checkpoint import check_checkpoint_tensors
+from .dense_dtype import cast_dense_remainder
 
 logger = logging.get_logger(__name__)
 
@@ -217,7 +218,8 @@ class LittleBitHfQuantizer(HfQuantizer):
         """Refuse to save anything that would not reload, before a single file is written.
 
         A model in trainable mode is saved in the packed format (signs of the latents, scales in storage dtype)
-        without leaving trainable mode, so checkpoints written during training are ordinary littlebit folders.
+        without leaving trainable mode, so checkpoints written during training are ordinary littlebit folders. With
+        ``dense_save_dtype`` the tensors outside the packed layers are written in that dtype.
         """
         cfg = self.quantization_config
         layers = littlebit_layers(model)
@@ -237,6 +239,9 @@ class LittleBitHfQuantizer(HfQuantizer):
             raise ValueError(f"cannot save: config records {group} as a group-quantized embedding, but the model's "
                              "module there is not one; the model was modified after quantization")
         state_dict = packed_state_dict(model) if is_trainable(model) else None
+        if cfg.dense_save_dtype is not None:
+            state = state_dict if state_dict is not None else model.state_dict()
+            state_dict = cast_dense_remainder(model, state, DENSE_SAVE_DTYPES[cfg.dense_save_dtype])
         return state_dict, {"littlebit_format": str(FORMAT_VERSION), "littlebit_method": cfg.method}
 
     def is_serializable(self, safe_serialization: bool = True) -> bool:

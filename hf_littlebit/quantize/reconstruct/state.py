@@ -24,10 +24,12 @@ WORK_FORMAT = 1
 
 def fingerprint(model: nn.Module, config: LittleBitConfig, tokens: torch.Tensor, opts: ReconstructionOptions) -> str:
     """Identifies the block-wise pass; the end-to-end phase's settings are left out, so a finished pass can be
-    resumed with other end-to-end settings (only whether the fp activations are tracked matters)."""
+    resumed with other end-to-end settings (only whether the fp activations are tracked matters), and so is the dtype
+    the checkpoint will be saved in."""
     h = hashlib.sha256()
     cfg = {k: v for k, v in config.to_dict().items()
-           if k not in ("calibration", "calibrated_with", "calibration_e2e_steps", "calibration_e2e_lr")}
+           if k not in ("calibration", "calibrated_with", "calibration_e2e_steps", "calibration_e2e_lr",
+                        "dense_save_dtype")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     passes = {k: v for k, v in vars(opts).items() if k not in ("e2e_steps", "e2e_lr")}
     h.update(json.dumps({**passes, "tracks_fp": opts.tracks_fp}, sort_keys=True).encode())
