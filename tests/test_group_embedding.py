@@ -148,6 +148,33 @@ def test_tied_head_is_x_times_the_dequantized_transpose_in_bounded_chunks(monkey
         torch.testing.assert_close(LittleBitTiedHead(emb)(x), x @ dense.T, rtol=1e-5, atol=1e-5)
 
 
+def test_tuned_scales_get_the_gradients_of_the_dense_computation():
+    """The end-to-end phase's mode: scales and zeros fp32 and trainable, codes fixed; lookup and the chunked head
+    give them the gradients that autograd gives the same computation on the dequantized matrix."""
+    emb, _ = filled(rows=300, group_size=20)  # 48 columns: a ragged last group
+    emb.head_chunk_elements = 48 * 64
+    codes = unpack_codes(emb.codes, 48, emb.bits)
+    scales = emb.scales.detach().float().requires_grad_(True)
+    zeros = emb.zeros.detach().float().requires_grad_(True)
+    x = torch.randn(5, 48, requires_grad=True)
+    tokens, upstream = torch.tensor([4, 299, 4, 0]), torch.randn(5, 300)
+    dense = dequantize_groups(codes, scales, zeros, 20)
+    ((x @ dense.T * upstream).sum() + dense[tokens].pow(2).sum()).backward()
+
+    emb.tune_scales_()
+    assert emb.scales_tuned and emb.scales.dtype == torch.float32 and not emb.codes.requires_grad
+    x2 = x.detach().clone().requires_grad_(True)
+    ((emb.logits(x2) * upstream).sum() + emb(tokens).pow(2).sum()).backward()
+    for mine, ref in ((emb.scales.grad, scales.grad), (emb.zeros.grad, zeros.grad), (x2.grad, x.grad)):
+        torch.testing.assert_close(mine, ref, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # few tokens without gradient: the tuned fp32 scales, not the CPU kernel's fp16 view
+        torch.testing.assert_close(emb.logits(x[:1]), x[:1] @ dense.T, rtol=1e-5, atol=1e-5)
+        emb.scales.mul_(1.5)
+    emb.freeze_scales_()
+    assert not emb.scales_tuned and emb.scales.dtype == emb.zeros.dtype == torch.float16
+    torch.testing.assert_close(emb.scales.float(), (scales * 1.5).detach().half().float())
+
+
 def test_dtype_follows_the_model():
     emb, _ = filled(dtype=torch.bfloat16)
     assert emb(torch.tensor([1])).dtype == torch.bfloat16
@@ -241,7 +268,7 @@ def test_lora_and_trainable_mode_leave_the_group_embedding_frozen(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
-def test_calibration_end_to_end_keeps_the_fp_teacher_and_the_embedding_frozen(monkeypatch, arch):
+def test_calibration_end_to_end_keeps_the_fp_teacher_and_tunes_the_embedding_scales(monkeypatch, arch):
     import copy
 
     from hf_littlebit.quantize.reconstruct import end_to_end
@@ -269,7 +296,9 @@ def test_calibration_end_to_end_keeps_the_fp_teacher_and_the_embedding_frozen(mo
     assert isinstance(emb, GroupQuantEmbedding) and not any(p.requires_grad for p in emb.parameters())
     direct = GroupQuantEmbedding.like(reference.model.embed_tokens, 3, 32)
     direct.set_weight_(reference.model.embed_tokens.weight)
-    assert all(torch.equal(getattr(emb, n), getattr(direct, n)) for n in ("codes", "scales", "zeros"))
+    assert torch.equal(emb.codes, direct.codes)  # the codes are fixed ...
+    for name in ("scales", "zeros"):  # ... the scales and zeros tuned, and back in their storage dtype
+        assert getattr(emb, name).dtype == torch.float16 and not torch.equal(getattr(emb, name), getattr(direct, name))
     assert torch.isfinite(model(ids()).logits).all()
 
 

@@ -18,9 +18,13 @@ a ``bits``-bit code read back as ``zero + scale · code``; the codes bit-packed 
   :data:`~hf_littlebit.backends.cpu.GROUP_HEAD_MAX_TOKENS` tokens without gradient (token-by-token generation), the
   packed CPU kernel computes it from the codes in place instead (:func:`~hf_littlebit.backends.cpu.group_head_forward`;
   ``LITTLEBIT_CPU_KERNEL=0``, or no compiler, leaves the chunked path).
-* The stored tensors are **frozen**: there is no trainable mode (QAT and the calibration's end-to-end phase leave this
-  embedding as quantized; it is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the layer-wide switches —
-  trainable mode, backends — pass it by). Plain tensor ops, so any device works (the CPU head kernel aside).
+* **Tuning the scales** (:meth:`~GroupQuantEmbedding.tune_scales_` / :meth:`~GroupQuantEmbedding.freeze_scales_`):
+  the calibration's end-to-end phase turns ``scales`` and ``zeros`` into fp32 trainable parameters, the codes fixed,
+  as it tunes the scale vectors of the binary layers; lookup and head then pass gradients to them (the head's
+  backward decodes each chunk once more and hands its ``∂L/∂Ê`` to the decode). Freezing rounds them back to their
+  storage dtype. QAT (trainable mode) leaves this module frozen: it is not a
+  :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the layer-wide switches — trainable mode, backends — pass it by.
+  Plain tensor ops, so any device works (the CPU head kernel aside).
 
 A tied head is a :class:`~hf_littlebit.nn.embedding.LittleBitTiedHead` over this module, as for the binary format.
 """
@@ -95,6 +99,27 @@ class GroupQuantEmbedding(nn.Module):
     def is_packed(self) -> bool:
         return not any(getattr(self, name).is_meta for name in STORED)
 
+    @property
+    def scales_tuned(self) -> bool:
+        """Whether ``scales`` and ``zeros`` are in the fp32 trainable form of :meth:`tune_scales_`."""
+        return self.scales.requires_grad
+
+    def tune_scales_(self) -> None:
+        """``scales`` and ``zeros`` as fp32 parameters that take gradients (the codes stay fixed), for the
+        calibration's end-to-end phase; :meth:`freeze_scales_` undoes it."""
+        for name in ("scales", "zeros"):
+            self._set_stored(name, getattr(self, name).detach().float(), requires_grad=True)
+
+    def freeze_scales_(self) -> None:
+        """Round tuned ``scales`` and ``zeros`` back to the storage dtype, frozen (what is saved)."""
+        for name in ("scales", "zeros"):
+            self._set_stored(name, getattr(self, name).detach().to(self.scale_dtype), requires_grad=False)
+
+    def _set_stored(self, name: str, value: torch.Tensor, requires_grad: bool = False) -> None:
+        param = nn.Parameter(value.contiguous(), requires_grad=requires_grad)
+        param._is_hf_initialized = True  # tell Transformers not to re-initialise it
+        self.register_parameter(name, param)
+
     def expected_tensors(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name → (shape, dtype) of every stored tensor, as a checkpoint of this module must hold them."""
         groups = group_count(self.embedding_dim, self.group_size)
@@ -115,9 +140,7 @@ class GroupQuantEmbedding(nn.Module):
                              f"{self.num_embeddings} × {self.embedding_dim} embedding")
         codes, scales, zeros = quantize_groups(weight, self.bits, self.group_size, self.scale_dtype)
         for name, value in (("codes", pack_codes(codes, self.bits)), ("scales", scales), ("zeros", zeros)):
-            param = nn.Parameter(value.contiguous(), requires_grad=False)
-            param._is_hf_initialized = True  # tell Transformers not to re-initialise it
-            self.register_parameter(name, param)
+            self._set_stored(name, value)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, index: torch.Tensor | slice, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -146,9 +169,9 @@ class GroupQuantEmbedding(nn.Module):
         if x.shape[-1] != self.embedding_dim:
             raise ValueError(f"GroupQuantEmbedding.logits: hidden size {x.shape[-1]}, expected {self.embedding_dim}")
         flat = x.reshape(-1, self.embedding_dim)
-        if torch.is_grad_enabled() and flat.requires_grad:
-            out = _ChunkedHead.apply(flat, self)
-        elif group_head_applies(self, flat):  # few tokens on CPU: the codes read in place by the C++ kernel
+        if torch.is_grad_enabled() and (flat.requires_grad or self.scales_tuned):
+            out = _ChunkedHead.apply(flat, self.scales, self.zeros, self)
+        elif not self.scales_tuned and group_head_applies(self, flat):  # few tokens on CPU: the codes read in place
             out = group_head_forward(self, flat)
         else:
             out = self._head_forward(flat)
@@ -161,12 +184,28 @@ class GroupQuantEmbedding(nn.Module):
             out[:, a:a + step] = x @ self.decode(slice(a, a + step), x.dtype).to(x.device).T
         return out
 
-    def _head_backward(self, grad: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(grad.shape[0], self.embedding_dim, dtype=grad.dtype, device=grad.device)
+    def _head_backward(self, grad: torch.Tensor, x: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Gradients of ``x Êᵀ`` for ``x`` and — given the forward's ``x`` — for the (tuned) scales and zeros: each
+        chunk's ``∂L/∂Ê = gradᵀ x`` is pushed through that chunk's decode."""
+        dx = torch.zeros(grad.shape[0], self.embedding_dim, dtype=grad.dtype, device=grad.device)
+        d_scales = torch.zeros_like(self.scales, dtype=torch.float32) if x is not None else None
+        d_zeros = torch.zeros_like(self.zeros, dtype=torch.float32) if x is not None else None
         step = self._chunk_rows()
         for a in range(0, self.num_embeddings, step):
-            out += grad[:, a:a + step] @ self.decode(slice(a, a + step), grad.dtype).to(grad.device)
-        return out
+            rows, g = slice(a, a + step), grad[:, a:a + step]
+            if x is None:
+                dx += g @ self.decode(rows, grad.dtype).to(grad.device)
+                continue
+            with torch.enable_grad():
+                scales = self.scales[rows].detach().float().requires_grad_(True)
+                zeros = self.zeros[rows].detach().float().requires_grad_(True)
+                chunk = dequantize_groups(unpack_codes(self.codes[rows], self.embedding_dim, self.bits), scales,
+                                          zeros, self.group_size, torch.float32)
+                chunk.backward((g.T @ x).to(chunk.dtype))
+            dx += g @ chunk.detach().to(device=grad.device, dtype=grad.dtype)
+            d_scales[rows], d_zeros[rows] = scales.grad, zeros.grad
+        return dx, d_scales, d_zeros
 
     def dense_module(self, dtype: torch.dtype | None = None) -> nn.Embedding:
         """An ``nn.Embedding`` (a :class:`ScaledEmbedding` when scaled) holding ``Ê`` (for ``dequantize()``)."""
@@ -183,14 +222,20 @@ class GroupQuantEmbedding(nn.Module):
 
 
 class _ChunkedHead(torch.autograd.Function):
-    """``x Êᵀ`` with a gradient for ``x`` only (``Ê`` is frozen), decoding the chunks again in the backward instead
-    of keeping every decoded chunk alive for it (which would be the whole matrix)."""
+    """``x Êᵀ`` with gradients for ``x`` and, when they are tuned, for ``scales`` and ``zeros`` (the codes are fixed),
+    decoding the chunks again in the backward instead of keeping every decoded chunk alive for it (which would be
+    the whole matrix). ``scales`` and ``zeros`` are inputs only so that autograd routes their gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, embedding: GroupQuantEmbedding) -> torch.Tensor:  # noqa: ANN001 - ctx
+    def forward(ctx, x: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,  # noqa: ANN001 - ctx
+                embedding: GroupQuantEmbedding) -> torch.Tensor:
         ctx.embedding = embedding
+        ctx.save_for_backward(x)
         return embedding._head_forward(x)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001 - ctx
-        return ctx.embedding._head_backward(grad.contiguous()), None
+    def backward(ctx, grad: torch.Tensor) -> tuple:  # noqa: ANN001 - ctx
+        (x,) = ctx.saved_tensors
+        tuned = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        dx, d_scales, d_zeros = ctx.embedding._head_backward(grad.contiguous(), x if tuned else None)
+        return dx if ctx.needs_input_grad[0] else None, d_scales, d_zeros, None

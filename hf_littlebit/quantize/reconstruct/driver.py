@@ -43,6 +43,7 @@ from transformers.utils import logging
 from ...config import LittleBitConfig
 from ...errors import ReconstructionError
 from ...nn.experts import EXPERT_LAYER
+from ...nn.group_embedding import GroupQuantEmbedding
 from ...nn.layer import LittleBitLinear
 from ..activation_stats import InputSecondMoments
 from ..fisher import CurvatureStats, gradient_second_moments
@@ -218,13 +219,12 @@ class BlockReconstructor:
             end_to_end = self.opts.e2e_steps > 0 and fp_inputs is not None
             teacher_head = self._convert_late(keep_fp_head=end_to_end)
             if end_to_end:
-                names = [*self.plans, *(p.name for p in self.late_plans)]
-                # a group-quantized embedding (embedding_bits) has no scales to tune here: it stays as quantized
-                layers = [m for m in map(self.model.get_submodule, names) if isinstance(m, LittleBitLinear)]
+                modules = [*map(self.model.get_submodule, [*self.plans, *(p.name for p in self.late_plans)])]
                 self.result.end_to_end = tune_end_to_end(
-                    self.model, self.blocks[-1], layers, self.tokens, fp_inputs, self.opts,
-                    seed=self.config.seed * 1_000_003 + len(self.blocks), progress=self.progress,
-                    teacher_head=teacher_head,
+                    self.model, self.blocks[-1], [m for m in modules if isinstance(m, LittleBitLinear)], self.tokens,
+                    fp_inputs, self.opts, seed=self.config.seed * 1_000_003 + len(self.blocks),
+                    progress=self.progress, teacher_head=teacher_head,
+                    embeddings=tuple(m for m in modules if isinstance(m, GroupQuantEmbedding)),
                 )
         finally:
             bar.close()

@@ -2,7 +2,8 @@
 the next-token distributions, the teacher computed from the fp model's last-block activations carried by the pass.
 
 A block fit sees only its own output error; this phase sees what the errors of all blocks do together to the
-prediction. The ±1 factors stay fixed (the calibration set is too small to choose signs end to end).
+prediction. The ±1 factors stay fixed (the calibration set is too small to choose signs end to end); so do the codes
+of a group-quantized embedding, whose per-group scales and zeros are tuned like the layers' scale vectors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from ...nn.group_embedding import GroupQuantEmbedding
 from ...nn.kl import token_kl
 from ...nn.layer import LittleBitLinear
 from .optim import adam_optimizer, cosine_lr_, minibatch_indices, norm_params, relative_lr_groups
@@ -84,6 +86,7 @@ def tune_end_to_end(
     model: nn.Module, last_block: nn.Module, layers: list[LittleBitLinear], tokens: torch.Tensor,
     teacher_hidden: ActivationStore, opts: ReconstructionOptions, seed: int, progress: bool = True,
     eval_batches: int = 4, teacher_head: tuple[str, torch.Tensor, torch.Tensor | None] | None = None,
+    embeddings: tuple[GroupQuantEmbedding, ...] = (),
 ) -> EndToEndReport:
     """Tune the scales of ``layers`` (packed on entry and on return) so the model's next-token distribution on
     ``tokens`` matches the teacher's, given the fp model's outputs of ``last_block`` for each batch of
@@ -91,7 +94,8 @@ def tune_end_to_end(
     the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting).
 
     ``teacher_head`` (name, fp weight, fp bias): the model's head is packed (``whole_model``); the teacher's rows go
-    through this fp head instead, while the packed head (and embedding, when among ``layers``) are tuned."""
+    through this fp head instead, while the packed head (and embedding, when among ``layers``) are tuned.
+    ``embeddings``: group-quantized embeddings whose scales and zeros are tuned too (codes fixed)."""
     t0 = time.perf_counter()
     device = next(p.device for p in model.parameters() if not p.is_meta)
     batch = tokens.shape[0] // len(teacher_hidden)
@@ -110,6 +114,8 @@ def tune_end_to_end(
             for prefix in layer.path_prefixes:
                 for name in ("u_latent", "v_latent"):
                     getattr(layer, prefix + name).requires_grad_(False)
+        for embedding in embeddings:
+            embedding.tune_scales_()
         for p in norms:
             p.requires_grad_(True)
 
@@ -120,7 +126,7 @@ def tune_end_to_end(
                        for i in range(n)) / max(n, 1)
 
         before = measure()
-        optimizer = adam_optimizer(relative_lr_groups(layers, norms, opts, scale_lr=opts.e2e_lr))
+        optimizer = adam_optimizer(relative_lr_groups([*layers, *embeddings], norms, opts, scale_lr=opts.e2e_lr))
         bar = logging.tqdm(total=opts.e2e_steps, desc="LittleBit end-to-end", unit="step", disable=not progress)
         with torch.enable_grad():
             for step, i in enumerate(minibatch_indices(len(batches), opts.e2e_steps, seed)):
@@ -141,6 +147,8 @@ def tune_end_to_end(
             p.requires_grad_(False)
         for layer in layers:
             layer.pack_()
+        for embedding in embeddings:
+            embedding.freeze_scales_()
     report = EndToEndReport(opts.e2e_steps, before, after, time.perf_counter() - t0)
     logger.info(f"LittleBit end-to-end: KL {before:.4g} -> {after:.4g} ({report.seconds:.1f} s)")
     return report

@@ -9,14 +9,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from ...nn.layer import LittleBitLinear
 from .options import ReconstructionOptions
 
 
-def relative_lr_groups(layers: list[LittleBitLinear], norms: list[nn.Parameter], opts: ReconstructionOptions,
+def relative_lr_groups(layers: list[nn.Module], norms: list[nn.Parameter], opts: ReconstructionOptions,
                        scale_lr: float | None = None) -> list[dict]:
-    """Adam groups of the trainable tensors, with learning rates proportional to each tensor's RMS (steps are
-    relative); ``scale_lr`` overrides ``opts.scale_lr``."""
+    """Adam groups of the trainable tensors of ``layers`` (LittleBit layers; group-quantized embeddings with tuned
+    scales), with learning rates proportional to each tensor's RMS (steps are relative): latents at ``opts.lr``,
+    everything else at ``scale_lr`` (default ``opts.scale_lr``)."""
     scale_lr = opts.scale_lr if scale_lr is None else scale_lr
     groups = []
     for layer in layers:
