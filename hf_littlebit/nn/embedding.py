@@ -108,12 +108,7 @@ class LittleBitEmbedding(LittleBitLinear):
 
     def dense_module(self, dtype: torch.dtype | None = None) -> nn.Embedding:
         """An ``nn.Embedding`` (a :class:`ScaledEmbedding` when scaled) holding ``Ê`` (for ``dequantize()``)."""
-        dtype = dtype or self.output_dtype
-        dense = ScaledEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.embed_scale,
-                                device=self.h.device, dtype=dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dequantize_weight(torch.float32))
-        return dense
+        return ScaledEmbedding.holding(self, self.dequantize_weight(torch.float32), dtype or self.output_dtype)
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}, "
@@ -191,6 +186,15 @@ class ScaledEmbedding(nn.Embedding):
                  embed_scale: float | None = None, **kwargs) -> None:  # noqa: ANN003 - nn.Embedding's factory kwargs
         super().__init__(num_embeddings, embedding_dim, padding_idx, **kwargs)
         self.embed_scale = embed_scale
+
+    @classmethod
+    def holding(cls, packed: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> ScaledEmbedding:
+        """The dense counterpart of a packed embedding (its shape, padding index and scale) holding ``weight``."""
+        dense = cls(packed.num_embeddings, packed.embedding_dim, packed.padding_idx, packed.embed_scale,
+                    device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(weight)
+        return dense
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = super().forward(input_ids)

@@ -209,11 +209,7 @@ class GroupQuantEmbedding(nn.Module):
 
     def dense_module(self, dtype: torch.dtype | None = None) -> nn.Embedding:
         """An ``nn.Embedding`` (a :class:`ScaledEmbedding` when scaled) holding ``Ê`` (for ``dequantize()``)."""
-        dense = ScaledEmbedding(self.num_embeddings, self.embedding_dim, self.padding_idx, self.embed_scale,
-                                device=self.codes.device, dtype=dtype or self.output_dtype)
-        with torch.no_grad():
-            dense.weight.copy_(self.dequantize_weight(torch.float32))
-        return dense
+        return ScaledEmbedding.holding(self, self.dequantize_weight(torch.float32), dtype or self.output_dtype)
 
     def extra_repr(self) -> str:
         return (f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, bits={self.bits}, "
