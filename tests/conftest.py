@@ -45,6 +45,16 @@ TINY_CONFIGS = {
 }
 
 
+def with_threads(threads: int, fn, *args):  # noqa: ANN001, ANN201 - any callable
+    """``fn(*args)`` with ``torch.set_num_threads(threads)``, the previous count restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
 def make_tiny_model(arch: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[arch]())

@@ -20,6 +20,8 @@ from hf_littlebit.backends.dispatch import select_backend
 from hf_littlebit.backends.reference import torch_forward
 from hf_littlebit.factorize import factorize
 
+from .conftest import with_threads
+
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
 
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the packed CPU kernel cannot be built")
@@ -60,12 +62,7 @@ def test_the_kernels_unpacking_equals_the_formats(width):
 def test_cpu_backend_matches_the_reference(d_in, d_out, rank, residual, bias, tokens, threads):
     layer = make_layer(d_in, d_out, rank, residual, bias)
     x = torch.randn(tokens, d_in, generator=torch.Generator().manual_seed(tokens))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        out = cpu_backend.cpu_forward(layer, x)
-    finally:
-        torch.set_num_threads(before)
+    out = with_threads(threads, cpu_backend.cpu_forward, layer, x)
     ref = torch_forward(layer, x)
     # fp32 sums in another order: the tolerance scales with the output's size
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -74,15 +71,8 @@ def test_cpu_backend_matches_the_reference(d_in, d_out, rank, residual, bias, to
 def test_the_result_does_not_depend_on_the_thread_count():
     layer = make_layer(300, 260, 72, True, True)
     x = torch.randn(5, 300)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_backend.cpu_forward(layer, x)
-        torch.set_num_threads(2)
-        two = cpu_backend.cpu_forward(layer, x)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(with_threads(1, cpu_backend.cpu_forward, layer, x),
+                       with_threads(2, cpu_backend.cpu_forward, layer, x))
 
 
 @pytest.mark.parametrize("tokens", [2, 40])

@@ -19,6 +19,7 @@ from hf_littlebit import LittleBitConfig
 from hf_littlebit.backends import cpu as cpu_backend
 from hf_littlebit.nn.group_embedding import GroupQuantEmbedding
 
+from .conftest import with_threads
 from .test_whole_model import tiny
 
 HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
@@ -92,15 +93,8 @@ def test_the_result_does_not_depend_on_the_thread_count(kernel, monkeypatch):
     monkeypatch.setattr(cpu_backend, "MIN_PARALLEL_CODES", 0)  # small shapes would otherwise run on one thread
     emb = embedding(5, 96, 32, vocab=700)
     x = torch.randn(3, 96)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_backend.group_head_forward(emb, x)
-        torch.set_num_threads(2)
-        two = cpu_backend.group_head_forward(emb, x)
-    finally:
-        torch.set_num_threads(before)
-    assert torch.equal(one, two)
+    assert torch.equal(with_threads(1, cpu_backend.group_head_forward, emb, x),
+                       with_threads(2, cpu_backend.group_head_forward, emb, x))
 
 
 def test_the_kernel_refuses_mismatched_tensors(kernel):
