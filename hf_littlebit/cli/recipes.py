@@ -31,8 +31,9 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     Recipe("demo", 10.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
-        "calibration_steps": 50, "calibration_mitigation_steps": 4, "calibration_e2e_steps": 70,
-    }, "perplexity 430 at 0.55 bpw (fp 20.4)"),
+        "calibration_steps": 50, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
+        "calibration_mitigation_steps": 4, "calibration_e2e_steps": 70,
+    }, "perplexity 351 at 0.55 bpw (fp 20.4)"),
     Recipe("standard", 21.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
         "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
