@@ -128,6 +128,13 @@ def test_data_free_default_method_is_littlebit(capsys, fp_checkpoint, tmp_path):
     assert wide["save_dtype"] == "float32" and wide["checkpoint_bytes"] > result["checkpoint_bytes"]
     with safe_open(str(tmp_path / "wide" / "model.safetensors"), framework="pt") as f:
         assert str(f.get_slice("model.embed_tokens.weight").get_dtype()) == "F32"
+    # a 16-bit run saves in its own dtype by default (fp16 → bf16 would drop mantissa bits)
+    code, out, err = run(capsys, "quantize", fp_checkpoint("llama"), "--no-calibrate", "--json", "--dtype", "float16",
+                         "--out", tmp_path / "half")
+    assert code == 0, err
+    assert json.loads(out)["save_dtype"] == "float16"
+    with safe_open(str(tmp_path / "half" / "model.safetensors"), framework="pt") as f:
+        assert str(f.get_slice("model.embed_tokens.weight").get_dtype()) == "F16"
 
 
 def test_default_auto_allocation_falls_back_to_uniform_when_min_rank_does_not_fit(capsys, tiny_with_tokenizer,

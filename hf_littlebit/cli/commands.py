@@ -216,10 +216,11 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         if e2e is not None:
             result.update(e2e_steps=e2e.steps, e2e_kl_before=e2e.kl_before, e2e_kl_after=e2e.kl_after)
     result["seconds_quantize"] = time.perf_counter() - t
-    if args.save_dtype != args.dtype:  # what is measured below is what is saved
-        round_dense_remainder_(model, getattr(torch, args.save_dtype))
-        model.config.quantization_config.dense_save_dtype = args.save_dtype
-    result["save_dtype"] = args.save_dtype
+    save_dtype = args.save_dtype or ("bfloat16" if args.dtype == "float32" else args.dtype)
+    if save_dtype != args.dtype:  # what is measured below is what is saved
+        round_dense_remainder_(model, getattr(torch, save_dtype))
+        model.config.quantization_config.dense_save_dtype = save_dtype
+    result["save_dtype"] = save_dtype
     report = summary(model)
     save_pretrained(model, out)
     try:

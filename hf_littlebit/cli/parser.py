@@ -60,10 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="output folder (default: ./littlebit-out/<model>-<bpw>bpw)")
     q.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype to load and run the model in (default float32, best on CPU)")
-    q.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+    q.add_argument("--save-dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of the tensors saved outside the packed layers (embedding and LM head unless "
                         "--whole-model, norms); the model is rounded to it before --eval, so the perplexity is the "
-                        "saved model's; a reload still runs in --dtype (default bfloat16: half the size of float32)")
+                        "saved model's; a reload still runs in --dtype (default: bfloat16 for a float32 run, half "
+                        "the size; a 16-bit --dtype saves in itself)")
     q.add_argument("--eval", action="store_true", help="perplexity of the original and the quantized model")
     cal = q.add_mutually_exclusive_group()
     cal.add_argument("--calibrate", dest="calibrate", action="store_true", default=None,
