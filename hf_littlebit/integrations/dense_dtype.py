@@ -3,10 +3,11 @@
 Everything a LittleBit checkpoint holds outside the packed modules — the embedding and LM head (unless
 ``whole_model``), norms, biases of unconverted layers, layers kept dense — is stored at the width the model holds it
 in. A model quantized in fp32 (the fast dtype on a CPU) therefore writes its 16-bit-worthy remainder at 32 bits: on
-SmolLM2-135M at 0.55 bpw a 121 MB checkpoint instead of 64 MB with the remainder in bf16. ``LittleBitConfig(dense_save_dtype=...)`` casts the
-remainder when saving; the packed tensors (bits, fp16 scales, group codes) keep their own format, tied tensors stay
-one tensor, and the model in memory is untouched (:func:`round_dense_remainder_` makes it equal to what is saved,
-for a caller who measures the model before saving it).
+SmolLM2-135M at 0.55 bpw a 121 MB checkpoint instead of 64 MB with the remainder in bf16.
+``LittleBitConfig(dense_save_dtype=...)`` casts the remainder when saving; the packed tensors (bits, fp16 scales,
+group codes) keep their own format, tied tensors stay one tensor, and the model in memory is untouched
+(:func:`round_dense_remainder_` makes it equal to what is saved, for a caller who measures the model before saving
+it).
 """
 
 from __future__ import annotations
