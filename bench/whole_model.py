@@ -35,8 +35,7 @@ import hf_littlebit
 from hf_littlebit.assets import ensure_assets
 from hf_littlebit.cli.recipes import RECIPES, recipe_named
 from hf_littlebit.eval.perplexity import perplexity, tokenize_stream
-from hf_littlebit.nn.group_embedding import GroupQuantEmbedding
-from hf_littlebit.nn.layer import LittleBitLinear
+from hf_littlebit.integrations.dense_dtype import PACKED_MODULES
 
 
 def checkpoint_bytes(folder: Path) -> int:
@@ -46,8 +45,7 @@ def checkpoint_bytes(folder: Path) -> int:
 def dense_to_bf16_(model: torch.nn.Module) -> None:
     """Cast every floating tensor outside the packed modules to bf16 (the packed scales keep their dtype; so do a
     group-quantized embedding's fp16 scales and zeros)."""
-    packed = {id(p) for m in model.modules() if isinstance(m, LittleBitLinear | GroupQuantEmbedding)
-              for p in m.parameters()}
+    packed = {id(p) for m in model.modules() if isinstance(m, PACKED_MODULES) for p in m.parameters()}
     with torch.no_grad():
         for p in model.parameters():
             if id(p) not in packed and p.is_floating_point():

@@ -18,11 +18,12 @@ from torch import nn
 from ..nn.group_embedding import GroupQuantEmbedding
 from ..nn.layer import LittleBitLinear
 
-_PACKED = (LittleBitLinear, GroupQuantEmbedding)
+#: the modules whose tensors are a packed format of their own (everything else is the dense remainder)
+PACKED_MODULES = (LittleBitLinear, GroupQuantEmbedding)
 
 
 def _packed_prefixes(model: nn.Module) -> tuple[str, ...]:
-    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, _PACKED) and name)
+    return tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, PACKED_MODULES) and name)
 
 
 def _is_dense(key: str, tensor: object, packed: tuple[str, ...], dtype: torch.dtype) -> bool:
