@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import hf_littlebit
@@ -246,7 +247,7 @@ def test_dequantize_restores_the_tie_and_the_scale():
         assert torch.allclose(model(tokens).logits, before, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_and_trainable_mode_leave_the_group_embedding_frozen(tmp_path):
+def test_lora_leaves_the_group_embedding_frozen():
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(quantized("llama_tied"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -256,15 +257,71 @@ def test_lora_and_trainable_mode_leave_the_group_embedding_frozen(tmp_path):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)  # through the chunked tied head
     assert not any(p.requires_grad for n, p in peft_model.named_parameters() if "embed_tokens" in n)
 
-    model = quantized("qwen2")
+
+@pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
+def test_trainable_mode_tunes_the_group_embedding_scales_and_saves_them_in_storage_dtype(tmp_path, arch):
+    """QAT (make_trainable): scales and zeros fp32 and trainable, codes fixed, gradients through the lookup (and the
+    chunked tied head); a save while training writes them fp16, as a packed save would; after an optimiser step
+    the packed model, the saved-while-training folder and its fresh reload agree."""
+    model = quantized(arch)
+    tokens = ids()
     before = model(tokens).logits
     hf_littlebit.make_trainable(model, estimator="ste")
-    assert not any(p.requires_grad for p in model.model.embed_tokens.parameters())
-    model(input_ids=tokens, labels=tokens).loss.backward()
+    emb = model.model.embed_tokens
+    assert emb.scales_tuned and {n for n, p in emb.named_parameters() if p.requires_grad} == {"scales", "zeros"}
+    assert emb.scales.dtype == torch.float32 and not emb.codes.requires_grad
+    assert torch.allclose(model(tokens).logits, before, rtol=1e-5, atol=1e-5)  # fp16 → fp32 is exact
+    model.train()
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert emb.scales.grad is not None and emb.scales.grad.abs().sum() > 0 and emb.zeros.grad.abs().sum() > 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.optim.Adam(trainable, lr=1e-2).step()
+    model.eval()
     model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.scales").get_dtype() == "F16"
     hf_littlebit.pack(model)
-    assert torch.allclose(model(tokens).logits, before, rtol=1e-4, atol=1e-4)
-    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(tokens).logits, model(tokens).logits)
+    assert not emb.scales_tuned and emb.scales.dtype == torch.float16 and not emb.scales.requires_grad
+    after = model(tokens).logits
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path)(tokens).logits, after)
+
+
+def test_qat_with_the_trainer_tunes_the_group_embedding_scales(tmp_path):
+    """The user's QAT path on a whole-model checkpoint: reload with ``trainable=True``, distil from the fp model with
+    ``LittleBitTrainer``; the embedding's scales and zeros move (its codes do not), the model is packed at the end
+    and its save reloads to the same logits. ``embedding_scales=False`` keeps them frozen."""
+    import copy
+
+    from transformers import TrainingArguments
+
+    fp = tiny("qwen2")
+    teacher = copy.deepcopy(fp)
+    model = hf_littlebit.quantize(fp, LittleBitConfig(bpw=4.0, whole_model=True, embedding_bits=4,
+                                                      embedding_group_size=16), progress=False)
+    model.save_pretrained(tmp_path / "q")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=LittleBitConfig(
+        trainable=True, sign_estimator="ste"))
+    emb = student.model.embed_tokens
+    assert emb.scales_tuned and emb.scales.requires_grad and not emb.codes.requires_grad
+    scales, zeros, codes = emb.scales.detach().clone(), emb.zeros.detach().clone(), emb.codes.clone()
+    rows = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, max_steps=3,
+                             learning_rate=1e-2)
+    hf_littlebit.LittleBitTrainer(model=student, args=args, teacher=teacher,
+                                  train_dataset=[{"input_ids": r, "labels": r} for r in rows]).train()
+    assert not emb.scales_tuned and emb.scales.dtype == torch.float16  # packed at the end
+    assert torch.equal(emb.codes, codes)
+    assert not torch.equal(emb.scales.float(), scales) and not torch.equal(emb.zeros.float(), zeros)
+    student.save_pretrained(tmp_path / "tuned")
+    tokens = ids()
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "tuned")(tokens).logits,
+                       student(tokens).logits)
+
+    hf_littlebit.make_trainable(student, estimator="ste", embedding_scales=False)
+    assert not emb.scales_tuned and not any(p.requires_grad for p in emb.parameters())
 
 
 @pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])

@@ -245,22 +245,38 @@ def test_lora_on_the_remaining_layers_trains():
     assert not any(p.requires_grad for n, p in model.named_parameters() if "embed_tokens" in n)
 
 
-def test_trainable_mode_freezes_the_packed_embedding_and_packs_back(tmp_path):
-    """QAT's make_trainable: the packed embedding (and so the tied head) goes to trainable mode but stays frozen,
-    like a dense embedding in LittleBit's recipe; saving while trainable writes the packed format."""
+def test_trainable_mode_trains_the_packed_embedding_scales_only_and_packs_back(tmp_path):
+    """QAT's make_trainable: the packed embedding (and so the tied head) goes to trainable mode with its ±1 latents
+    frozen, like a dense embedding in LittleBit's recipe, but its scale vectors train (``embedding_scales=False``
+    freezes them too); a step moves the logits, saving while trainable writes the packed format, and the reload
+    gives the packed model's logits."""
     model = quantized("llama_tied")
     tokens = ids()
     before = model(tokens).logits
     hf_littlebit.make_trainable(model, estimator="ste")
     emb = model.model.embed_tokens
-    assert emb.is_trainable and not any(p.requires_grad for p in emb.parameters())
-    loss = model(input_ids=tokens, labels=tokens).loss
-    loss.backward()
-    model.save_pretrained(tmp_path)
+    trainable = {n for n, p in emb.named_parameters() if p.requires_grad}
+    assert emb.is_trainable and trainable == {p + n for p in emb.path_prefixes for n in ("h", "l", "g")}
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    assert all(emb.get_parameter(n).grad is not None and emb.get_parameter(n).grad.abs().sum() > 0 for n in trainable)
+    model.save_pretrained(tmp_path / "untouched")
     hf_littlebit.pack(model)
     assert emb.is_packed and torch.allclose(model(tokens).logits, before, rtol=1e-4, atol=1e-4)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    assert torch.equal(reloaded(tokens).logits, model(tokens).logits)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "untouched")(tokens).logits,
+                       model(tokens).logits)
+
+    hf_littlebit.make_trainable(model, estimator="ste")
+    optimizer = torch.optim.Adam([emb.get_parameter(n) for n in trainable], lr=1e-2)
+    model(input_ids=tokens, labels=tokens).loss.backward()
+    optimizer.step()
+    model.save_pretrained(tmp_path / "stepped")
+    hf_littlebit.pack(model)
+    after = model(tokens).logits
+    assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
+    assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "stepped")(tokens).logits, after)
+
+    hf_littlebit.make_trainable(model, estimator="ste", embedding_scales=False)
+    assert emb.is_trainable and not any(p.requires_grad for p in emb.parameters())
 
 
 @pytest.mark.parametrize("arch, head", [("llama_tied", LittleBitTiedHead), ("qwen2", hf_littlebit.LittleBitLinear)])

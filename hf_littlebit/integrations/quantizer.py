@@ -201,7 +201,7 @@ class LittleBitHfQuantizer(HfQuantizer):
             if not layer.is_trainable:
                 layer.requires_grad_(False)
         for module in model.modules():
-            if isinstance(module, GroupQuantEmbedding):  # always frozen (no trainable mode)
+            if isinstance(module, GroupQuantEmbedding):  # frozen; trainable mode (below) tunes its scales
                 module.requires_grad_(False)
         cfg = self.quantization_config
         if cfg.trainable:

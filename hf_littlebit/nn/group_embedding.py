@@ -22,9 +22,10 @@ a ``bits``-bit code read back as ``zero + scale · code``; the codes bit-packed 
   the calibration's end-to-end phase turns ``scales`` and ``zeros`` into fp32 trainable parameters, the codes fixed,
   as it tunes the scale vectors of the binary layers; lookup and head then pass gradients to them (the head's
   backward decodes each chunk once more and hands its ``∂L/∂Ê`` to the decode). Freezing rounds them back to their
-  storage dtype. QAT (trainable mode) leaves this module frozen: it is not a
-  :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the layer-wide switches — trainable mode, backends — pass it by.
-  Plain tensor ops, so any device works (the CPU head kernel aside).
+  storage dtype. QAT does the same: :func:`~hf_littlebit.nn.modes.make_trainable` tunes the scales and zeros
+  (codes fixed), :func:`~hf_littlebit.nn.modes.pack` freezes them, and a save while training writes them in the
+  storage dtype. It is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the backends pass it by. Plain
+  tensor ops, so any device works (the CPU head kernel aside).
 
 A tied head is a :class:`~hf_littlebit.nn.embedding.LittleBitTiedHead` over this module, as for the binary format.
 """

@@ -27,7 +27,7 @@ from ..errors import LittleBitTrainingError
 from ..factorize import FACTORIZERS
 from ..format.packing import pack_signs, unpack_signs
 from ..nn.layer import littlebit_layers
-from ..nn.modes import frozen_embedding_params, is_trainable, pack
+from ..nn.modes import freeze_embeddings_, is_trainable, pack
 from ..quantize.layers import layer_seed
 from .distillation import DistillationConfig, causal_lm_loss, distillation_loss
 
@@ -46,7 +46,8 @@ class LittleBitQATCallback(TrainerCallback):
         residual_start_step: train the main path alone until this optimiser step, then enable the residual path
             (``None`` or 0: both paths from the start). With a teacher the residual path is re-fitted at that step
             to what the main path leaves of the teacher's weight, by the model's factoriser.
-        freeze_embeddings: freeze input embeddings and LM head (the paper does).
+        freeze_embeddings: freeze input embeddings and LM head (the paper does); the scales of packed ones
+            (``whole_model``) keep the ``requires_grad`` that ``make_trainable`` gave them (trainable by default).
         pack_at_end: pack the model into the inference format when training ends.
         probe_rows: random input rows per layer used to measure the residual path's share of the output.
     """
@@ -129,8 +130,7 @@ class LittleBitQATCallback(TrainerCallback):
                 "model) or load with LittleBitConfig(..., trainable=True) (or train PEFT adapters on top)"
             )
         if trainable and self.freeze_embeddings:
-            for p in frozen_embedding_params(_base_model(model)):
-                p.requires_grad_(False)
+            freeze_embeddings_(_base_model(model))  # a packed embedding's scales stay as make_trainable set them
         if self.teacher is not None:
             self._prepare_teacher(model, args)
             self._hook = model.register_forward_pre_hook(self._run_teacher, with_kwargs=True)
