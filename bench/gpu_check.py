@@ -2,7 +2,7 @@
 
 usage: python bench/gpu_check.py [--out bench/results/gpu_check.json] [--skip-model] [--dry-run]
 
-Four phases, each recorded in one JSON file (``--out``) and printed as Markdown tables (also written next to the
+Five phases, each recorded in one JSON file (``--out``) and printed as Markdown tables (also written next to the
 JSON as ``.md``). A phase that fails records its error and the run goes on: a GPU hour is too scarce to lose every
 figure to one exception.
 
@@ -19,6 +19,10 @@ figure to one exception.
 4. **model**: greedy decoding tokens/s of a random Llama (static KV cache, which Transformers compiles and replays
    as CUDA graphs) in fp16 against the same model with every linear layer but the head replaced by a random packed
    layer at ``--model-bpw`` (speed does not depend on the values, so no factorisation is spent).
+
+5. **group head**: the Triton kernel of a group-quantized tied head (``whole_model`` with ``embedding_bits``) at 1
+   and 8 tokens, 3 and 4 bits, on SmolLM2's 49,152 × 576 and a 128,256 × 4,096 vocabulary: its error against the
+   decoded matrix in fp32, and its time against the PyTorch path (chunked decode + matmul) and a dense fp16 head.
 
 ``--dry-run`` runs everything on CPU under the Triton interpreter (it sets ``TRITON_INTERPRET=1`` itself) at tiny
 shapes, with wall-clock timing instead of CUDA graphs: it checks the plumbing, not the speed.
@@ -218,6 +222,39 @@ def layers(device: str, shapes: tuple, prefill_tokens: int, reps: int) -> list[d
     return rows
 
 
+# --------------------------------------------------------------------------------------------------- 5. group head
+GROUP_HEAD_SHAPES = ((49152, 576), (128256, 4096))
+DRY_GROUP_HEAD_SHAPES = ((300, 96),)
+
+
+def group_head(device: str, shapes: tuple, reps: int) -> list[dict]:
+    from hf_littlebit.backends.triton import triton_group_head
+    from hf_littlebit.nn.group_embedding import GroupQuantEmbedding
+
+    timer = _timer(device, reps)
+    rows = []
+    for vocab, hidden in shapes:
+        weight = torch.randn(vocab, hidden, device=device) / hidden**0.5
+        dense = weight.half()
+        for bits in (3, 4):
+            emb = GroupQuantEmbedding(vocab, hidden, bits, 64, device=device)
+            emb.set_weight_(weight)
+            for tokens in (1, 8):
+                x = torch.randn(tokens, hidden, device=device, dtype=torch.float16)
+                with torch.inference_mode():
+                    ref = x.float() @ emb.dequantize_weight().T
+                    err = _rel_err(triton_group_head(emb, x), ref)
+                    kernel_s = timer(lambda emb=emb, x=x: triton_group_head(emb, x))
+                    chunked_s = timer(lambda emb=emb, x=x: emb._head_forward(x))
+                    dense_s = timer(lambda x=x, w=dense: torch.nn.functional.linear(x, w))
+                rows.append({"shape": f"{vocab}x{hidden}", "bits": bits, "tokens": tokens, "rel_err": err,
+                             "ok": err < TOLERANCE[torch.float16], "triton_us": kernel_s * 1e6,
+                             "chunked_us": chunked_s * 1e6, "dense_fp16_us": dense_s * 1e6,
+                             "vs_chunked": chunked_s / kernel_s, "vs_dense": dense_s / kernel_s})
+            del emb
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- 4. model
 def _replace_linears(model: torch.nn.Module, bpw: float, device: str, dtype: torch.dtype) -> int:
     """Every ``nn.Linear`` but the LM head becomes a random packed layer of the same shape; returns how many."""
@@ -280,6 +317,8 @@ def report(result: dict) -> str:
                                         "packed_GBps", "roofline"]))
     parts.append(_md(result.get("model", []), ["model", "bpw", "new_tokens", "fp_tokens_per_s",
                                                "littlebit_tokens_per_s", "speedup"]))
+    parts.append(_md(result.get("group_head", []), ["shape", "bits", "tokens", "rel_err", "ok", "triton_us",
+                                                    "chunked_us", "dense_fp16_us", "vs_chunked", "vs_dense"]))
     if result.get("errors"):
         parts.append("errors in phases: " + ", ".join(result["errors"]))
     return "\n\n".join(parts) + "\n"
@@ -311,6 +350,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_model:
         size = (64, 96, 1, 128) if args.dry_run else (4096, 11008, 4, 32000)
         _phase(result, "model", lambda: model_speed(device, size, 2 if args.dry_run else 32, args.model_bpw))
+    _phase(result, "group_head", lambda: group_head(device, DRY_GROUP_HEAD_SHAPES if args.dry_run
+                                                    else GROUP_HEAD_SHAPES, reps))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     table = report(result)

@@ -34,5 +34,7 @@ def test_dry_run_writes_every_phase(tmp_path):
     assert all(r["packed_us"] > 0 and r["dense_us"] > 0 for r in result["layers"])
     (model,) = result["model"]
     assert model["packed_layers"] == 7 and model["littlebit_tokens_per_s"] > 0
+    assert {(r["bits"], r["tokens"]) for r in result["group_head"]} == {(b, t) for b in (3, 4) for t in (1, 8)}
+    assert all(r["ok"] and r["triton_us"] > 0 and r["chunked_us"] > 0 for r in result["group_head"])
     table = out.with_suffix(".md").read_text()
     assert "| shape | tokens | bpw |" in table and "littlebit_tokens_per_s" in table

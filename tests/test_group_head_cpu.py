@@ -17,6 +17,7 @@ import hf_littlebit
 import hf_littlebit.nn.group_embedding as group_module
 from hf_littlebit import LittleBitConfig
 from hf_littlebit.backends import cpu as cpu_backend
+from hf_littlebit.backends import dispatch
 from hf_littlebit.nn.group_embedding import GroupQuantEmbedding
 
 from .conftest import with_threads
@@ -129,7 +130,7 @@ def test_logits_dispatch_to_the_kernel_for_few_tokens_without_gradient(kernel, m
 def test_kernel_switched_off_leaves_the_pytorch_path(monkeypatch):
     kernel_off(monkeypatch)
     called = []
-    monkeypatch.setattr(group_module, "group_head_forward", lambda *a: called.append(1))
+    monkeypatch.setattr(dispatch, "group_head_forward", lambda *a: called.append(1))
     rows = count_decodes(monkeypatch)
     emb = embedding(3, 50, 16)
     x = torch.randn(1, 50)
@@ -160,9 +161,9 @@ def test_greedy_generation_is_the_same_with_the_kernel_on_and_off(kernel, monkey
                               return_dict_in_generate=True, pad_token_id=0)
 
     calls = []
-    real = group_module.group_head_forward
+    real = dispatch.group_head_forward
     with monkeypatch.context() as patch:
-        patch.setattr(group_module, "group_head_forward", lambda *a: calls.append(1) or real(*a))
+        patch.setattr(dispatch, "group_head_forward", lambda *a: calls.append(1) or real(*a))
         on = generate()
     assert len(calls) == 12  # every step's head ran the kernel
     kernel_off(monkeypatch)  # the packed linears fall back too: the whole model's kernel-less path

@@ -15,6 +15,10 @@ The choice (:func:`select_backend`): ``$LITTLEBIT_BACKEND`` if set (an override 
 layer's ``backend`` attribute (from ``LittleBitConfig(backend=...)`` or ``hf_littlebit.set_backend``), else
 ``"auto"``. The layer is seen through its attributes only; :mod:`hf_littlebit.nn.layer` imports this module, never
 the other way round.
+
+A group-quantized tied head (:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding`, no ``backend``
+attribute) asks :func:`group_head_kernel` instead: a packed kernel when one serves the call (few tokens, no
+gradient), else ``None`` and it decodes the vocabulary a chunk at a time in PyTorch.
 """
 
 from __future__ import annotations
@@ -25,9 +29,15 @@ from typing import Any
 
 import torch
 
-from .cpu import cpu_forward, cpu_kernel_available
+from .cpu import cpu_forward, cpu_kernel_available, group_head_applies, group_head_forward
 from .reference import torch_forward
-from .triton import interpreter_enabled, triton_available, triton_forward
+from .triton import (
+    group_head_triton_applies,
+    interpreter_enabled,
+    triton_available,
+    triton_forward,
+    triton_group_head,
+)
 
 ENV_BACKEND = "LITTLEBIT_BACKEND"
 
@@ -79,3 +89,21 @@ def littlebit_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     if layer.is_trainable or (torch.is_grad_enabled() and _trains_own_tensors(layer)):
         return torch_forward(layer, x)
     return BACKENDS[select_backend(layer, x)](layer, x)
+
+
+GroupHeadForward = Callable[[Any, torch.Tensor], torch.Tensor]
+
+
+def group_head_kernel(embedding: Any, xs: torch.Tensor) -> GroupHeadForward | None:
+    """The packed kernel that computes ``xs Êᵀ`` of a group-quantized embedding in this call, or ``None`` for the
+    chunked PyTorch path: the CPU kernel for CPU tensors (``LITTLEBIT_CPU_KERNEL=0`` turns it off), the Triton one
+    for CUDA tensors, each for few tokens without gradient. ``$LITTLEBIT_BACKEND`` narrows the choice as for the
+    layers: ``torch`` takes the PyTorch path, ``cpu`` / ``triton`` only that kernel (``triton`` also on CPU tensors
+    under ``TRITON_INTERPRET=1``)."""
+    env = os.environ.get(ENV_BACKEND)
+    choice = check_backend_name(env, f"${ENV_BACKEND}") if env else "auto"
+    if choice in ("auto", "cpu") and group_head_applies(embedding, xs):
+        return group_head_forward
+    if choice in ("auto", "triton") and group_head_triton_applies(embedding, xs, explicit=choice == "triton"):
+        return triton_group_head
+    return None

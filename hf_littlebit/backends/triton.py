@@ -112,3 +112,35 @@ def triton_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
         xs = xs.float()
     y = torch.ops.hf_littlebit.binary_lowrank_linear(xs, *tensors, layer.bias, split_k_for(layer))
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+# ---------------------------------------------------------------------------------------------- group-quantized head
+#: Most tokens the Triton group head takes per call (generation); more go to the chunked decode + GEMM.
+TRITON_GROUP_HEAD_MAX_TOKENS = 16
+
+
+def group_head_triton_applies(embedding: Any, xs: torch.Tensor, explicit: bool = False) -> bool:
+    """Whether :func:`triton_group_head` can serve this call: Triton installed, no gradient asked for, at most
+    :data:`TRITON_GROUP_HEAD_MAX_TOKENS` tokens, and CUDA tensors — or, when ``explicit`` (``$LITTLEBIT_BACKEND=
+    triton``), CPU tensors under ``TRITON_INTERPRET=1`` (tests)."""
+    on_device = xs.is_cuda or (explicit and interpreter_enabled() and xs.device.type == "cpu")
+    return (on_device and embedding.codes.device == xs.device and xs.shape[0] <= TRITON_GROUP_HEAD_MAX_TOKENS
+            and not (torch.is_grad_enabled() and xs.requires_grad) and triton_available())
+
+
+@functools.cache
+def _group_head_kernels() -> ModuleType:
+    from ..kernels import group_head
+
+    return group_head
+
+
+def triton_group_head(embedding: Any, xs: torch.Tensor) -> torch.Tensor:
+    """``xs Êᵀ`` of a group-quantized embedding from its packed ``codes``, ``scales`` and ``zeros`` (custom op
+    ``torch.ops.hf_littlebit.group_head``); no gradient. Sees the embedding through those attributes and ``bits`` /
+    ``group_size`` only."""
+    _group_head_kernels()
+    if xs.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        xs = xs.float()
+    return torch.ops.hf_littlebit.group_head(xs, embedding.codes, embedding.scales, embedding.zeros, embedding.bits,
+                                             embedding.group_size)

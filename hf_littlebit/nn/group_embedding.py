@@ -14,18 +14,21 @@ a ``bits``-bit code read back as ``zero + scale · code``; the codes bit-packed 
 * **tied LM head** (:meth:`GroupQuantEmbedding.logits`): ``x Êᵀ`` over chunks of the vocabulary (decode a chunk,
   one matmul into its slice of the logits, next chunk), so the extra memory is one chunk, about
   :attr:`~GroupQuantEmbedding.head_chunk_elements` entries. Gradients flow to ``x`` (adapters, the end-to-end phase
-  upstream of the head) through a backward that decodes the chunks again instead of keeping them. On CPU, for up to
-  :data:`~hf_littlebit.backends.cpu.GROUP_HEAD_MAX_TOKENS` tokens without gradient (token-by-token generation), the
-  packed CPU kernel computes it from the codes in place instead (:func:`~hf_littlebit.backends.cpu.group_head_forward`;
-  ``LITTLEBIT_CPU_KERNEL=0``, or no compiler, leaves the chunked path).
+  upstream of the head) through a backward that decodes the chunks again instead of keeping them. For few tokens
+  without gradient (token-by-token generation) a packed kernel computes it from the codes in place instead
+  (:func:`~hf_littlebit.backends.dispatch.group_head_kernel`): on CPU the C++ kernel (up to
+  :data:`~hf_littlebit.backends.cpu.GROUP_HEAD_MAX_TOKENS` tokens; ``LITTLEBIT_CPU_KERNEL=0``, or no compiler, leaves
+  the chunked path), on CUDA the Triton kernel (:mod:`hf_littlebit.kernels.group_head`, up to
+  :data:`~hf_littlebit.backends.triton.TRITON_GROUP_HEAD_MAX_TOKENS` tokens); ``$LITTLEBIT_BACKEND=torch`` keeps the
+  chunked path everywhere.
 * **Tuning the scales** (:meth:`~GroupQuantEmbedding.tune_scales_` / :meth:`~GroupQuantEmbedding.freeze_scales_`):
   the calibration's end-to-end phase turns ``scales`` and ``zeros`` into fp32 trainable parameters, the codes fixed,
   as it tunes the scale vectors of the binary layers; lookup and head then pass gradients to them (the head's
   backward decodes each chunk once more and hands its ``∂L/∂Ê`` to the decode). Freezing rounds them back to their
   storage dtype. QAT does the same: :func:`~hf_littlebit.nn.modes.make_trainable` tunes the scales and zeros
   (codes fixed), :func:`~hf_littlebit.nn.modes.pack` freezes them, and a save while training writes them in the
-  storage dtype. It is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`, so the backends pass it by. Plain
-  tensor ops, so any device works (the CPU head kernel aside).
+  storage dtype. It is not a :class:`~hf_littlebit.nn.layer.LittleBitLinear`: the layers' ``backend`` setting
+  passes it by (only ``$LITTLEBIT_BACKEND`` reaches it). Outside the kernels, plain tensor ops: any device works.
 
 A tied head is a :class:`~hf_littlebit.nn.embedding.LittleBitTiedHead` over this module, as for the binary format.
 """
@@ -35,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..backends.cpu import group_head_applies, group_head_forward
+from ..backends.dispatch import group_head_kernel
 from ..format.group_quant import (
     dequantize_groups,
     group_count,
@@ -163,8 +166,8 @@ class GroupQuantEmbedding(nn.Module):
         return scaled_rows(self, self.decode(flat)).reshape(*input_ids.shape, self.embedding_dim)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """``x Êᵀ`` (the tied LM head): the CPU kernel for few tokens without gradient, else the vocabulary decoded
-        one chunk at a time."""
+        """``x Êᵀ`` (the tied LM head): a packed kernel (CPU or Triton) for few tokens without gradient, else the
+        vocabulary decoded one chunk at a time."""
         if not x.dtype.is_floating_point:
             raise TypeError("GroupQuantEmbedding.logits takes hidden states (a floating tensor)")
         if x.shape[-1] != self.embedding_dim:
@@ -172,8 +175,8 @@ class GroupQuantEmbedding(nn.Module):
         flat = x.reshape(-1, self.embedding_dim)
         if torch.is_grad_enabled() and (flat.requires_grad or self.scales_tuned):
             out = _ChunkedHead.apply(flat, self.scales, self.zeros, self)
-        elif not self.scales_tuned and group_head_applies(self, flat):  # few tokens on CPU: the codes read in place
-            out = group_head_forward(self, flat)
+        elif not self.scales_tuned and (kernel := group_head_kernel(self, flat)) is not None:
+            out = kernel(self, flat)  # few tokens: the codes read in place (CPU or Triton kernel)
         else:
             out = self._head_forward(flat)
         return out.reshape(*x.shape[:-1], self.num_embeddings)
