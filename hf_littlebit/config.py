@@ -151,9 +151,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             low-rank (:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding`): ``bits`` (2–8) per entry, an fp16
             scale and zero per group of ``embedding_group_size`` consecutive entries of a row (a tied head reads
             the same tensors). Its true bits are charged to the budget first; the rest goes to the other matrices.
-            Its codes stay fixed; the calibration's end-to-end phase tunes its scales and zeros (QAT's trainable
-            mode leaves it frozen). ``None`` (default): binary
-            low-rank. Much lower error on real embeddings at a few bits (BENCHMARKS.md, issue 22).
+            Its codes stay fixed; the calibration's end-to-end phase and QAT's trainable mode tune its scales and
+            zeros. ``None`` (default): binary low-rank. Much lower error on real embeddings at a few bits
+            (BENCHMARKS.md, issue 22).
         embedding_group_size: entries per group of ``embedding_bits`` (default 64); need not divide the hidden size
             (the last group of a row is then shorter).
         dense_save_dtype: dtype in which saving writes the *dense remainder* — every tensor outside the packed

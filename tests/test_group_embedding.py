@@ -323,6 +323,16 @@ def test_qat_with_the_trainer_tunes_the_group_embedding_scales(tmp_path):
     hf_littlebit.make_trainable(student, estimator="ste", embedding_scales=False)
     assert not emb.scales_tuned and not any(p.requires_grad for p in emb.parameters())
 
+    # frozen by someone else (PEFT does this) the scales stay tuned fp32: a save still writes them fp16
+    hf_littlebit.make_trainable(student, estimator="ste")
+    student.requires_grad_(False)
+    assert emb.scales_tuned and emb.scales.dtype == torch.float32
+    student.save_pretrained(tmp_path / "frozen")
+    with safe_open(str(tmp_path / "frozen" / "model.safetensors"), framework="pt") as f:
+        assert f.get_slice("model.embed_tokens.zeros").get_dtype() == "F16"
+    hf_littlebit.make_trainable(student, estimator="ste")  # ... and make_trainable turns them back on
+    assert emb.scales.requires_grad and emb.zeros.requires_grad
+
 
 @pytest.mark.parametrize("arch", ["llama_tied", "qwen2"])
 def test_calibration_end_to_end_keeps_the_fp_teacher_and_tunes_the_embedding_scales(monkeypatch, arch):

@@ -108,6 +108,7 @@ def test_the_kernel_refuses_mismatched_tensors(kernel):
 
 # ---------------------------------------------------------------------------------------------------- dispatch
 def test_logits_dispatch_to_the_kernel_for_few_tokens_without_gradient(kernel, monkeypatch):
+    monkeypatch.delenv("LITTLEBIT_BACKEND", raising=False)  # "torch" would keep the chunked path
     emb = embedding(4, 64, 16)
     dense = emb.dequantize_weight()
     rows = count_decodes(monkeypatch)
@@ -151,6 +152,7 @@ def test_torch_compile_runs_the_kernel_as_one_op(kernel):
 # ---------------------------------------------------------------------------------------------------- in a model
 @pytest.mark.parametrize("bits", [3, 4])
 def test_greedy_generation_is_the_same_with_the_kernel_on_and_off(kernel, monkeypatch, bits):
+    monkeypatch.delenv("LITTLEBIT_BACKEND", raising=False)
     model = hf_littlebit.quantize(tiny("llama_tied"), LittleBitConfig(bpw=4.0, whole_model=True, embedding_bits=bits,
                                                                       embedding_group_size=16), progress=False)
     assert isinstance(model.get_input_embeddings(), GroupQuantEmbedding)

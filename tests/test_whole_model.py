@@ -277,6 +277,8 @@ def test_trainable_mode_trains_the_packed_embedding_scales_only_and_packs_back(t
 
     hf_littlebit.make_trainable(model, estimator="ste", embedding_scales=False)
     assert emb.is_trainable and not any(p.requires_grad for p in emb.parameters())
+    hf_littlebit.make_trainable(model, estimator="ste")  # already trainable: the scales are switched back on
+    assert {n for n, p in emb.named_parameters() if p.requires_grad} == trainable
 
 
 @pytest.mark.parametrize("arch, head", [("llama_tied", LittleBitTiedHead), ("qwen2", hf_littlebit.LittleBitLinear)])

@@ -135,11 +135,19 @@ def _group_head_kernels() -> ModuleType:
     return group_head
 
 
+@torch.compiler.assume_constant_result
+def _group_head_ready() -> bool:
+    """:func:`_group_head_kernels` for the forward, run once while ``torch.compile`` traces (as
+    :func:`_kernels_ready`)."""
+    _group_head_kernels()
+    return True
+
+
 def triton_group_head(embedding: Any, xs: torch.Tensor) -> torch.Tensor:
     """``xs Êᵀ`` of a group-quantized embedding from its packed ``codes``, ``scales`` and ``zeros`` (custom op
     ``torch.ops.hf_littlebit.group_head``); no gradient. Sees the embedding through those attributes and ``bits`` /
     ``group_size`` only."""
-    _group_head_kernels()
+    _group_head_ready()
     if xs.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         xs = xs.float()
     return torch.ops.hf_littlebit.group_head(xs, embedding.codes, embedding.scales, embedding.zeros, embedding.bits,

@@ -73,6 +73,7 @@ class GroupQuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.scale_dtype = bits, group_size, scale_dtype
         self.padding_idx, self.embed_scale = padding_idx, embed_scale
+        self._scales_tuned = False  # a flag, not requires_grad: PEFT or requires_grad_(False) must not clear it
         # Registered first: Transformers takes a model's dtype from its first floating parameter (LittleBitEmbedding).
         self.dtype_tag = nn.Parameter(torch.empty(0, dtype=output_dtype, device=device), requires_grad=False)
         for name, (shape, dtype) in self.expected_tensors().items():
@@ -105,19 +106,22 @@ class GroupQuantEmbedding(nn.Module):
 
     @property
     def scales_tuned(self) -> bool:
-        """Whether ``scales`` and ``zeros`` are in the fp32 trainable form of :meth:`tune_scales_`."""
-        return self.scales.requires_grad
+        """Whether ``scales`` and ``zeros`` are in the fp32 form of :meth:`tune_scales_` (trainable unless something
+        froze them since, e.g. PEFT); saving then rounds them to ``scale_dtype``."""
+        return self._scales_tuned
 
     def tune_scales_(self) -> None:
         """``scales`` and ``zeros`` as fp32 parameters that take gradients (the codes stay fixed), for the
         calibration's end-to-end phase; :meth:`freeze_scales_` undoes it."""
         for name in ("scales", "zeros"):
             self._set_stored(name, getattr(self, name).detach().float(), requires_grad=True)
+        self._scales_tuned = True
 
     def freeze_scales_(self) -> None:
         """Round tuned ``scales`` and ``zeros`` back to the storage dtype, frozen (what is saved)."""
         for name in ("scales", "zeros"):
             self._set_stored(name, getattr(self, name).detach().to(self.scale_dtype), requires_grad=False)
+        self._scales_tuned = False
 
     def _set_stored(self, name: str, value: torch.Tensor, requires_grad: bool = False) -> None:
         param = nn.Parameter(value.contiguous(), requires_grad=requires_grad)

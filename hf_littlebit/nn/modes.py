@@ -7,7 +7,7 @@ the embeddings and LM head are frozen, as in LittleBit's QAT recipe (METHODS.md 
 
 A packed embedding or head (``whole_model``) is frozen the same way except for its scales: the ±1 factors of a
 binary :class:`~hf_littlebit.nn.embedding.LittleBitEmbedding` (or untied packed head) and the codes of a
-:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding` stay fixed, while their scale vectors — a few hundred
+:class:`~hf_littlebit.nn.group_embedding.GroupQuantEmbedding` are not trained, while their scale vectors — a few hundred
 thousand numbers against tens of millions — train with the layers', as the calibration's end-to-end phase tunes
 them (``embedding_scales=False`` freezes them too).
 
@@ -120,6 +120,9 @@ def make_trainable(
             embedding.freeze_scales_()
     if freeze_embeddings:
         freeze_embeddings_(model, keep_scales=embedding_scales)
+    if embedding_scales:  # also after an earlier embedding_scales=False, or anything else that froze them
+        for p in embedding_scale_params(model):
+            p.requires_grad_(True)
     if cfg is not None:
         cfg.trainable = True
     return model
@@ -147,8 +150,9 @@ def packed_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     for name, embedding in model.named_modules():
         if isinstance(embedding, GroupQuantEmbedding) and embedding.scales_tuned:
-            for key in ("scales", "zeros"):
-                state[f"{name}.{key}" if name else key] = getattr(embedding, key).detach().to(embedding.scale_dtype)
+            for key in (f"{name}.{k}" if name else k for k in ("scales", "zeros")):
+                if key in state:
+                    state[key] = state[key].to(embedding.scale_dtype)
     for name, layer in littlebit_layers(model).items():
         if not layer.is_trainable:
             continue

@@ -1,9 +1,9 @@
 """Quantization-aware training with the Hugging Face ``Trainer`` (METHODS.md §2).
 
 * :class:`LittleBitQATCallback` drives QAT around a plain ``Trainer``: it checks the model is trainable, freezes the
-  embeddings and LM head, runs the residual schedule (train the main path alone, then enable — and, with a teacher,
-  re-fit — the residual path at a given step), logs the sign-flip rate and the residual path's share of the output,
-  and packs the model at the end.
+  embeddings and LM head (all but a packed one's scales, see :func:`~hf_littlebit.nn.modes.make_trainable`), runs
+  the residual schedule (train the main path alone, then enable — and, with a teacher, re-fit — the residual path at
+  a given step), logs the sign-flip rate and the residual path's share of the output, and packs the model at the end.
 * Distillation is opt-in: hand the callback a frozen full-precision ``teacher`` and use its ``loss`` method as the
   Trainer's ``compute_loss_func``. The callback runs the teacher on exactly the student's batch (a
   forward pre-hook on the student) and the loss is logit KL plus weighted per-layer hidden-state MSE

@@ -27,7 +27,7 @@ from .binary_lowrank import _next_pow2, launch_guard
 
 #: Most tokens of one program (more tokens: more programs, each decoding its tiles again).
 MAX_BLOCK_M = 16
-#: Upper bound on the elements of a program's accumulator (tokens × rows × entries).
+#: Target size of a program's accumulator (tokens × rows × entries; 8,192 at 16 tokens, where BLOCK_D stops at 16).
 TILE_ELEMS = 4096
 BLOCK_V = 32
 
@@ -48,7 +48,8 @@ def _group_head_kernel(
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     mask_m = offs_m < M
     mask_v = offs_v < V
-    rows_c = offs_v.to(tl.int64)[:, None] * stride_c
+    rows_v = offs_v.to(tl.int64)[:, None]
+    rows_c = rows_v * stride_c
     acc = tl.zeros((BLOCK_M, BLOCK_V, BLOCK_D), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -66,8 +67,8 @@ def _group_head_kernel(
             code = (code & ((1 << kept[None, :]) - 1)) | (high << kept[None, :])
         code = code & ((1 << BITS) - 1)
         group = offs_d // GROUP
-        scale = tl.load(scales_ptr + offs_v[:, None] * stride_s + group[None, :], mask=tile_mask, other=0.0)
-        zero = tl.load(zeros_ptr + offs_v[:, None] * stride_z + group[None, :], mask=tile_mask, other=0.0)
+        scale = tl.load(scales_ptr + rows_v * stride_s + group[None, :], mask=tile_mask, other=0.0)
+        zero = tl.load(zeros_ptr + rows_v * stride_z + group[None, :], mask=tile_mask, other=0.0)
         w = zero.to(tl.float32) + scale.to(tl.float32) * code.to(tl.float32)
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_d[None, :],
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
