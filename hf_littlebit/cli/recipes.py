@@ -39,11 +39,11 @@ RECIPES: tuple[Recipe, ...] = (
         "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 4, "calibration_e2e_steps": 30,
     }, "perplexity 147 at 1.0 bpw (fp 20.4; HQQ 3-bit 157)"),
-    Recipe("long", 38.0, {
-        "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
+    Recipe("long", 35.0, {
+        "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 512, "calibration_seqlen": 256,
         "calibration_steps": 150, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 16, "calibration_e2e_steps": 400,
-    }, "perplexity 307 at 0.55 bpw (fp 20.4)"),
+    }, "perplexity 180 at 0.55 bpw (fp 20.4)"),
 )
 DEFAULT_RECIPE = "demo"
 
