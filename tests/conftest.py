@@ -12,6 +12,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from huggingface_hub import HfApi, ModelCard  # noqa: E402
+from huggingface_hub.errors import EntryNotFoundError  # noqa: E402
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     Gemma3TextConfig,
@@ -135,3 +137,46 @@ def tiny_with_tokenizer(tmp_path_factory):
     make_tiny_model("llama").save_pretrained(path)
     make_tiny_tokenizer().save_pretrained(path)
     return path
+
+
+class FakeHub:
+    """Stands in for the Hub: records what would be uploaded."""
+
+    def __init__(self):
+        self.files: dict[str, bytes] = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        class Url(str):
+            pass
+
+        url = Url(f"https://hub.invalid/{repo_id}")
+        url.repo_id = repo_id
+        return url
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        from pathlib import Path
+
+        for p in Path(folder_path).rglob("*"):
+            if p.is_file():
+                self.files[str(p.relative_to(folder_path))] = p.read_bytes()
+        return "commit"
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        for op in operations:
+            with open(op.path_or_fileobj, "rb") as f:
+                self.files[op.path_in_repo] = f.read()
+        return "commit"
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    hub = FakeHub()
+    for name in ("create_repo", "upload_folder", "create_commit"):
+        method = getattr(hub, name)
+        monkeypatch.setattr(HfApi, name, lambda api, *a, _m=method, **k: _m(*a, **k))
+
+    def no_card(*a, **k):
+        raise EntryNotFoundError("no card")
+
+    monkeypatch.setattr(ModelCard, "load", no_card)
+    return hub

@@ -7,8 +7,6 @@ import shutil
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
-from huggingface_hub.errors import EntryNotFoundError
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.quantizers import auto as hf_auto
@@ -148,49 +146,6 @@ def test_without_the_plugin_transformers_loads_garbage_and_our_helper_fails_loud
         hf_auto.AUTO_QUANTIZER_MAPPING["littlebit"] = saved_q
     with pytest.raises(NotALittleBitModelError, match="not a littlebit checkpoint"):
         hf_littlebit.from_pretrained(fp_checkpoint("llama"))
-
-
-class FakeHub:
-    """Stands in for the Hub: records what would be uploaded."""
-
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-
-    def create_repo(self, repo_id, **kwargs):
-        class Url(str):
-            pass
-
-        url = Url(f"https://hub.invalid/{repo_id}")
-        url.repo_id = repo_id
-        return url
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        from pathlib import Path
-
-        for p in Path(folder_path).rglob("*"):
-            if p.is_file():
-                self.files[str(p.relative_to(folder_path))] = p.read_bytes()
-        return "commit"
-
-    def create_commit(self, repo_id, operations, **kwargs):
-        for op in operations:
-            with open(op.path_or_fileobj, "rb") as f:
-                self.files[op.path_in_repo] = f.read()
-        return "commit"
-
-
-@pytest.fixture
-def fake_hub(monkeypatch):
-    hub = FakeHub()
-    for name in ("create_repo", "upload_folder", "create_commit"):
-        method = getattr(hub, name)
-        monkeypatch.setattr(HfApi, name, lambda api, *a, _m=method, **k: _m(*a, **k))
-
-    def no_card(*a, **k):
-        raise EntryNotFoundError("no card")
-
-    monkeypatch.setattr(ModelCard, "load", no_card)
-    return hub
 
 
 def test_push_to_hub_helper_uploads_the_packed_folder_and_a_card(saved, fake_hub, tmp_path):

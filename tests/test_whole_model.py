@@ -320,6 +320,26 @@ def test_from_pretrained_with_whole_model(fp_checkpoint, tokens):
     assert torch.isfinite(model(tokens).logits).all()
 
 
+def test_push_to_hub_uploads_one_copy_of_the_tied_factors_and_the_upload_reloads(fake_hub, tmp_path):
+    model = quantized("llama_tied")
+    tokens = ids()
+    logits = model(tokens).logits
+    hf_littlebit.push_to_hub(model, "me/tiny-whole")
+    folder = tmp_path / "download"
+    for name, data in fake_hub.files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())  # noqa: SIM118 - safe_open has keys(), no iteration protocol
+    assert any(k.startswith("model.embed_tokens.") for k in keys)
+    assert not any(k.startswith("lm_head.") for k in keys)  # the tied head is the embedding's factors, stored once
+    assert "whole-model" in fake_hub.files["README.md"].decode()
+    reloaded = AutoModelForCausalLM.from_pretrained(folder)
+    assert isinstance(reloaded.get_input_embeddings(), LittleBitEmbedding)
+    assert isinstance(reloaded.get_output_embeddings(), LittleBitTiedHead)
+    assert torch.equal(reloaded(tokens).logits, logits)
+
+
 def test_model_card_says_which_bpw_it_is():
     card = hf_littlebit.model_card(quantized("llama_tied"))
     assert "whole-model" in card and "4.0 (whole model)" in card and "LM head are packed too" in card
