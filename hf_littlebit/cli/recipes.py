@@ -44,7 +44,7 @@ RECIPES: tuple[Recipe, ...] = (
         "calibration_steps": 150, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 16, "calibration_e2e_steps": 400,
     }, "perplexity 180 at 0.55 bpw (fp 20.4)"),
-    Recipe("max", 81, {
+    Recipe("max", 81.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 2048, "calibration_seqlen": 256,
         "calibration_steps": 200, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 16, "calibration_e2e_steps": 1000,
