@@ -141,7 +141,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
 
     # flag → LittleBitConfig field; a flag left unset takes the recipe's value
     flags = {"method": "method", "dbf_iterations": "dbf_iterations", "calib_samples": "calibration_samples",
-             "calib_seqlen": "calibration_seqlen", "steps": "calibration_steps", "e2e_steps": "calibration_e2e_steps",
+             "calib_seqlen": "calibration_seqlen", "calib_batch_size": "calibration_batch_size",
+             "steps": "calibration_steps", "e2e_steps": "calibration_e2e_steps",
              "fisher": "calibration_fisher", "mitigation_steps": "calibration_mitigation_steps"}
     explicit = {name: getattr(args, flag) for flag, name in flags.items() if getattr(args, flag) is not None}
 
@@ -209,6 +210,7 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
         blocks = model.hf_quantizer.reconstruction.blocks
         if blocks:
             result.update(calib_samples=config.calibration_samples, calib_seqlen=config.calibration_seqlen,
+                          calib_batch_size=config.calibration_batch_size,
                           steps_per_block=config.calibration_steps,
                           block_loss_before=sum(b.loss_before for b in blocks) / len(blocks),
                           block_loss_after=sum(b.loss_after for b in blocks) / len(blocks))

@@ -2,8 +2,9 @@
 
     littlebit quantize [MODEL] --bpw 0.55 [--method M] [--allocation uniform|auto] [--[no-]residual] [--out DIR]
                        [--eval] [--max-tokens N] [--json]
-                       [--calibrate | --no-calibrate] [--recipe demo|standard | --budget-minutes M]
-                       [--calib-samples N] [--calib-seqlen L] [--steps S] [--mitigation-steps N] [--[no-]fisher]
+                       [--calibrate | --no-calibrate] [--recipe demo|standard|long|max | --budget-minutes M]
+                       [--calib-samples N] [--calib-seqlen L] [--calib-batch-size B] [--steps S]
+                       [--mitigation-steps N] [--[no-]fisher]
                        [--e2e-steps N] [--whole-model [--embedding-bits B] [--embedding-group-size G]]
                        [--work-dir DIR] [--resume]
     littlebit eval MODEL_OR_DIR [--max-tokens N] [--json]

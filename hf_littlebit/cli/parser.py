@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"calibration sequences (recipes: {_per_recipe('calibration_samples')})")
     q.add_argument("--calib-seqlen", type=int, default=None,
                    help=f"tokens per calibration sequence (recipes: {_per_recipe('calibration_seqlen')})")
+    q.add_argument("--calib-batch-size", type=int, default=None,
+                   help="calibration sequences per optimiser step, block-wise and end-to-end (recipes: "
+                        f"{_per_recipe('calibration_batch_size')}; keep sequences × length per step near 1,024 tokens)")
     q.add_argument("--steps", type=int, default=None,
                    help=f"optimiser steps per transformer block (recipes: {_per_recipe('calibration_steps')}; more is "
                         "better)")

@@ -31,22 +31,22 @@ class Recipe:
 RECIPES: tuple[Recipe, ...] = (
     Recipe("demo", 10.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
-        "calibration_steps": 50, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
+        "calibration_batch_size": 4, "calibration_steps": 50, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 4, "calibration_e2e_steps": 70,
     }, "perplexity 351 at 0.55 bpw (fp 20.4)"),
     Recipe("standard", 21.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
-        "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
+        "calibration_batch_size": 4, "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 4, "calibration_e2e_steps": 30,
     }, "perplexity 147 at 1.0 bpw (fp 20.4; HQQ 3-bit 157)"),
     Recipe("long", 35.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 512, "calibration_seqlen": 256,
-        "calibration_steps": 150, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
+        "calibration_batch_size": 4, "calibration_steps": 150, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 16, "calibration_e2e_steps": 400,
     }, "perplexity 180 at 0.55 bpw (fp 20.4)"),
     Recipe("max", 81.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 2048, "calibration_seqlen": 256,
-        "calibration_steps": 200, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
+        "calibration_batch_size": 4, "calibration_steps": 200, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 16, "calibration_e2e_steps": 1000,
     }, "perplexity 158 at 0.55 bpw (fp 20.4)"),
 )
