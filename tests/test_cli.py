@@ -172,6 +172,11 @@ def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer
     with pytest.raises(ValueError, match="below the shortest recipe"):
         recipe_for_budget(30, 100 * 134_515_008)
     assert recipe_for_budget(10_000, 134_515_008).name == longest.name
+    # a higher rate costs more per step (larger rank): at 1.0 bpw 90 minutes no longer fit the recipe timed at 0.55
+    at_one_bit = recipe_for_budget(90, 134_515_008, bpw=1.0)
+    assert at_one_bit.minutes_for(134_515_008, 1.0) <= 90 < longest.minutes_for(134_515_008, 1.0)
+    assert at_one_bit.name != longest.name == recipe_for_budget(90, 134_515_008, bpw=0.55).name
+    assert longest.minutes_for(134_515_008, 0.1) == longest.minutes_for(134_515_008) == longest.minutes
     with pytest.raises(SystemExit):  # argparse: a budget and a named recipe exclude each other
         run(capsys, "quantize", tiny_with_tokenizer, "--budget-minutes", "5", "--recipe", "demo")
     assert "not allowed with argument" in capsys.readouterr().err

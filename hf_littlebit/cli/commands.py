@@ -124,7 +124,7 @@ def chosen_recipe(args: argparse.Namespace, path: str):
         raise CLIError(f"--budget-minutes needs a local folder with safetensors weights to size {path!r}; "
                        "use --recipe instead")
     try:
-        return recipe_for_budget(args.budget_minutes, params)
+        return recipe_for_budget(args.budget_minutes, params, args.bpw)
     except ValueError as exc:
         raise CLIError(str(exc)) from exc
 

@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "settings")
     budget.add_argument("--budget-minutes", type=float, default=None,
                         help="pick the longest recipe that fits this many minutes of quantization (scaled by the "
-                             "model's parameter count from the SmolLM2 measurements)")
+                             "model's parameter count and, above a recipe's measured rate, by --bpw, from the SmolLM2 "
+                             "measurements)")
     q.add_argument("--calib-samples", type=int, default=None,
                    help=f"calibration sequences (recipes: {_per_recipe('calibration_samples')})")
     q.add_argument("--calib-seqlen", type=int, default=None,

@@ -2,7 +2,8 @@
 
 Each recipe is a set of :class:`~hf_littlebit.LittleBitConfig` fields whose result and wall time were measured on the
 bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md). A budget picks the longest recipe whose time, scaled by the
-model's parameter count (the time of every phase grows about linearly with it), fits — longer recipes use more data
+model's parameter count (the time of every phase grows about linearly with it) and by the rate above the one it was
+measured at (:meth:`Recipe.minutes_for`), fits — longer recipes use more data
 and steps. ``demo``, ``long`` and ``max`` were measured at the same rate (0.55 bpw: 351, 180 and 158),
 ``standard`` at 1.0 bpw (``measured`` says which), so "longer is better" is shown at 0.55 bpw only. Explicit
 command-line flags override single fields of the chosen recipe (and are not counted in its time). Without a budget
@@ -26,6 +27,15 @@ class Recipe:
     minutes: float  # quantization wall time on SmolLM2-135M, 2 CPU cores, nothing else running
     fields: dict[str, Any] = field(default_factory=dict)  # LittleBitConfig fields
     measured: str = ""  # what it gave, for --help and the log
+    bpw: float = 0.55  # the rate ``minutes`` was measured at
+
+    def minutes_for(self, params: int, bpw: float | None = None) -> float:
+        """Expected wall time for a model of ``params`` parameters at ``bpw``: linear in the parameter count, and
+        linear in the rate above the measured one (the factors' rank, hence every step's cost, grows with it: the
+        ``max`` recipe's blocks took ~2× as long at 1.0 bpw as at 0.55). Below the measured rate the measured time
+        is kept — an upper bound, as the parts that do not shrink with the rank (attention, the LM head) remain."""
+        rate = 1.0 if bpw is None else max(1.0, bpw / self.bpw)
+        return self.minutes * params / REFERENCE_PARAMS * rate
 
 
 RECIPES: tuple[Recipe, ...] = (
@@ -38,7 +48,7 @@ RECIPES: tuple[Recipe, ...] = (
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 128, "calibration_seqlen": 256,
         "calibration_batch_size": 4, "calibration_steps": 100, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
         "calibration_mitigation_steps": 4, "calibration_e2e_steps": 30,
-    }, "perplexity 147 at 1.0 bpw (fp 20.4; HQQ 3-bit 157)"),
+    }, "perplexity 147 at 1.0 bpw (fp 20.4; HQQ 3-bit 157)", bpw=1.0),
     Recipe("long", 35.0, {
         "method": "lbadmm", "dbf_iterations": 30, "calibration_samples": 512, "calibration_seqlen": 256,
         "calibration_batch_size": 4, "calibration_steps": 150, "calibration_lr": 3e-2, "calibration_scale_lr": 3e-2,
@@ -60,15 +70,15 @@ def recipe_named(name: str) -> Recipe:
     raise ValueError(f"unknown recipe {name!r}; choose one of {[r.name for r in RECIPES]}")
 
 
-def recipe_for_budget(minutes: float, params: int) -> Recipe:
-    """The longest recipe whose measured time, scaled to ``params`` parameters, fits in ``minutes``."""
-    scale = params / REFERENCE_PARAMS
-    fitting = [r for r in RECIPES if r.minutes * scale <= minutes]
+def recipe_for_budget(minutes: float, params: int, bpw: float | None = None) -> Recipe:
+    """The longest recipe whose measured time, scaled to ``params`` parameters and the rate ``bpw``
+    (:meth:`Recipe.minutes_for`), fits in ``minutes``."""
+    fitting = [r for r in RECIPES if r.minutes_for(params, bpw) <= minutes]
     if not fitting:
-        shortest = min(RECIPES, key=lambda r: r.minutes)
+        shortest = min(RECIPES, key=lambda r: r.minutes_for(params, bpw))
         raise ValueError(
             f"--budget-minutes {minutes:g} is below the shortest recipe ({shortest.name!r}: about "
-            f"{shortest.minutes * scale:.0f} minutes for this model on 2 CPU cores); raise the budget, pick "
+            f"{shortest.minutes_for(params, bpw):.0f} minutes for this model on 2 CPU cores); raise the budget, pick "
             "--recipe and lower --steps yourself, or quantize data-free with --no-calibrate"
         )
     return max(fitting, key=lambda r: r.minutes)
