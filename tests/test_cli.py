@@ -65,6 +65,7 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
          "itq_iterations must be a non-negative integer"),
         (["quantize", "./no/such/folder"], "no such model folder"),
         (["quantize", "{fp}", "--calib-samples", "0", "--out", "{tmp}/a"], "calibration_samples must be a positive"),
+        (["quantize", "{fp}", "--calib-batch-size", "0", "--out", "{tmp}/a"], "calibration_batch_size must be a"),
         (["info", "{fp}"], "not a littlebit checkpoint"),
         (["info", "{tmp}"], "no config.json"),
         (["eval", "./missing-dir"], "no such model folder"),
@@ -72,6 +73,7 @@ def test_quantize_eval_json_then_info_and_eval(capsys, tiny_with_tokenizer, fake
 )
 def test_errors_are_one_line_and_exit_2(capsys, fp_checkpoint, tmp_path, argv, message):
     argv = [a.format(fp=fp_checkpoint("llama"), tmp=tmp_path) for a in argv]
+    capsys.readouterr()  # the fixture's first save prints a progress bar: not the command's output
     code, out, err = run(capsys, *argv)
     assert code == 2
     assert err.startswith("littlebit: error: ") and message in err and err.count("\n") == 1
@@ -173,9 +175,11 @@ def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer
         recipe_for_budget(30, 100 * 134_515_008)
     assert recipe_for_budget(10_000, 134_515_008).name == longest.name
     # a higher rate costs more per step (larger rank): at 1.0 bpw 90 minutes no longer fit the recipe timed at 0.55
-    at_one_bit = recipe_for_budget(90, 134_515_008, bpw=1.0)
-    assert at_one_bit.minutes_for(134_515_008, 1.0) <= 90 < longest.minutes_for(134_515_008, 1.0)
-    assert at_one_bit.name != longest.name == recipe_for_budget(90, 134_515_008, bpw=0.55).name
+    assert 90 < longest.minutes_for(134_515_008, 1.0) and longest.minutes <= 90  # max was timed at 0.55 in 90 min
+    assert recipe_for_budget(90, 134_515_008, bpw=1.0).name == "long"
+    assert recipe_for_budget(90, 134_515_008, bpw=0.55).name == longest.name
+    # every recipe states how many sequences a step holds: 1,024 tokens per step, as they were measured
+    assert all(r.fields["calibration_batch_size"] * r.fields["calibration_seqlen"] == 1024 for r in RECIPES)
     assert longest.minutes_for(134_515_008, 0.1) == longest.minutes_for(134_515_008) == longest.minutes
     with pytest.raises(SystemExit):  # argparse: a budget and a named recipe exclude each other
         run(capsys, "quantize", tiny_with_tokenizer, "--budget-minutes", "5", "--recipe", "demo")

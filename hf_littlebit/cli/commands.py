@@ -158,7 +158,10 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     if calibration is None:  # data-free: no recipe; Dual-SVID unless asked otherwise
         unused = [flag for flag, value in (("--recipe", args.recipe), ("--budget-minutes", args.budget_minutes),
                                            ("--mitigation-steps", args.mitigation_steps), ("--fisher", args.fisher),
-                                           ("--steps", args.steps), ("--e2e-steps", args.e2e_steps))
+                                           ("--steps", args.steps), ("--e2e-steps", args.e2e_steps),
+                                           ("--calib-samples", args.calib_samples),
+                                           ("--calib-seqlen", args.calib_seqlen),
+                                           ("--calib-batch-size", args.calib_batch_size))
                   if value is not None]
         if unused:
             from transformers.utils import logging as hf_logging
