@@ -156,13 +156,9 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     path = resolve_model(args.model, args.cache_dir)
     calibration = calibration_text(args)
     if calibration is None:  # data-free: no recipe; Dual-SVID unless asked otherwise
-        unused = [flag for flag, value in (("--recipe", args.recipe), ("--budget-minutes", args.budget_minutes),
-                                           ("--mitigation-steps", args.mitigation_steps), ("--fisher", args.fisher),
-                                           ("--steps", args.steps), ("--e2e-steps", args.e2e_steps),
-                                           ("--calib-samples", args.calib_samples),
-                                           ("--calib-seqlen", args.calib_seqlen),
-                                           ("--calib-batch-size", args.calib_batch_size))
-                  if value is not None]
+        calibration_only = ["recipe", "budget_minutes", *(f for f, name in flags.items()
+                                                           if name.startswith("calibration_"))]
+        unused = ["--" + flag.replace("_", "-") for flag in calibration_only if getattr(args, flag) is not None]
         if unused:
             from transformers.utils import logging as hf_logging
 

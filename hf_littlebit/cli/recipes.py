@@ -3,11 +3,11 @@
 Each recipe is a set of :class:`~hf_littlebit.LittleBitConfig` fields whose result and wall time were measured on the
 bundled SmolLM2-135M on 2 CPU cores (BENCHMARKS.md). A budget picks the longest recipe whose time, scaled by the
 model's parameter count (the time of every phase grows about linearly with it) and by the rate above the one it was
-measured at (:meth:`Recipe.minutes_for`), fits — longer recipes use more data
-and steps. ``demo``, ``long`` and ``max`` were measured at the same rate (0.55 bpw: 351, 180 and 153),
-``standard`` at 1.0 bpw (:attr:`Recipe.bpw`), so "longer is better" is shown at 0.55 bpw only. Explicit
-command-line flags override single fields of the chosen recipe (and are not counted in its time). Without a budget
-the command runs :data:`DEFAULT_RECIPE`, the one the README's main job uses (~10 minutes).
+measured at (:meth:`Recipe.minutes_for`), fits — longer recipes use more data and steps. ``demo``, ``long`` and
+``max`` were measured at the same rate (0.55 bpw: 351, 180 and 153), ``standard`` at 1.0 bpw (:attr:`Recipe.bpw`), so
+"longer is better" is shown at 0.55 bpw only. Explicit command-line flags override single fields of the chosen recipe
+(and are not counted in its time). Without a budget the command runs :data:`DEFAULT_RECIPE`, the one the README's main
+job uses (~10 minutes).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ class Recipe:
     def minutes_for(self, params: int, bpw: float | None = None) -> float:
         """Expected wall time for a model of ``params`` parameters at ``bpw``: linear in the parameter count, and
         linear in the rate above the measured one (the factors' rank, hence every step's cost, grows with it: the
-        previous ``max`` recipe's blocks, 2048 × 256 tokens, took ~2× as long at 1.0 bpw as at 0.55,
-        ``long``'s 1.6×). Below the measured rate the measured time
-        is kept — an upper bound, as the parts that do not shrink with the rank (attention, the LM head) remain."""
+        previous ``max`` recipe's blocks, 2048 × 256 tokens, took ~2× as long at 1.0 bpw as at 0.55, ``long``'s 1.6×).
+        Below the measured rate the measured time is kept — an upper bound, as the parts that do not shrink with the
+        rank (attention, the LM head) remain."""
         rate = 1.0 if bpw is None else max(1.0, bpw / self.bpw)
         return self.minutes * params / REFERENCE_PARAMS * rate
 
