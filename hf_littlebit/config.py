@@ -121,6 +121,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             holds every layer in trainable mode (fp32 latent factors, 32× their packed size, plus their ±1 signs
             cached in the compute dtype since they stay fixed).
         calibration_e2e_lr: Adam learning rate of that phase, relative to each tensor's RMS.
+        calibration_e2e_latents: also tune the layers' latent factors in that phase (their signs may flip, the
+            gradient through ``sign_estimator``), at ``calibration_lr`` as in the block fits. Off by default: with a
+            small calibration set the signs fit it rather than the text; each step also costs the latents' gradient.
         calibration_offload_gib: a block's calibration activations larger than this are kept on disk (in the work
             folder, else a temporary folder) instead of in memory.
         sign_estimator: gradient of the sign during calibration and training: ``"ste"`` (clipped identity) or
@@ -201,6 +204,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         calibration_targets: str = "fp_inputs",
         calibration_e2e_steps: int = 0,
         calibration_e2e_lr: float = 1e-2,
+        calibration_e2e_latents: bool = False,
         calibration_offload_gib: float = 4.0,
         sign_estimator: str = "ste",
         smoothsign_alpha: float = 100.0,
@@ -247,6 +251,7 @@ class LittleBitConfig(QuantizationConfigMixin):
         self.calibration_targets = calibration_targets
         self.calibration_e2e_steps = calibration_e2e_steps
         self.calibration_e2e_lr = calibration_e2e_lr
+        self.calibration_e2e_latents = calibration_e2e_latents
         self.calibration_offload_gib = calibration_offload_gib
         self.sign_estimator = sign_estimator
         self.smoothsign_alpha = smoothsign_alpha
@@ -339,10 +344,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive number, got {value!r}")
-        if not isinstance(self.calibration_tune_norms, bool):
-            raise ValueError(
-                f"LittleBitConfig: calibration_tune_norms must be True or False, got {self.calibration_tune_norms!r}"
-            )
+        for name in ("calibration_tune_norms", "calibration_e2e_latents"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LittleBitConfig: {name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.calibration_fisher, bool):
             raise ValueError(
                 f"LittleBitConfig: calibration_fisher must be True or False, got {self.calibration_fisher!r}"

@@ -190,13 +190,13 @@ def test_explicit_flags_override_the_recipe_and_data_free_ignores_it(capsys, tin
     code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0", "--json",
                          "--out", tmp_path / "a", "--calib-samples", "2", "--calib-seqlen", "16", "--steps", "1",
                          "--e2e-steps", "1", "--mitigation-steps", "0", "--no-fisher", "--method", "dbf",
-                         "--calib-batch-size", "1")
+                         "--calib-batch-size", "1", "--e2e-latents")
     assert code == 0, err
     assert json.loads(out)["calib_batch_size"] == 1 and json.loads(out)["e2e_steps"] == 1
     saved = json.loads((tmp_path / "a" / "config.json").read_text())["quantization_config"]
     assert saved["method"] == "dbf" and saved["calibration_mitigation_steps"] == 0
     assert saved["calibration_batch_size"] == 1  # the recipe's 4 overridden
-    assert saved["calibration_fisher"] is False
+    assert saved["calibration_fisher"] is False and saved["calibration_e2e_latents"] is True
     code, out, err = run(capsys, "--cache-dir", fake_cache, "quantize", tiny_with_tokenizer, "--bpw", "1.0", "--json",
                          "--out", tmp_path / "b", "--no-calibrate", "--recipe", "standard", "--mitigation-steps", "3")
     assert code == 0, err

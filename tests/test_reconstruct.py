@@ -217,3 +217,38 @@ def test_end_to_end_phase_lowers_the_kl_and_tunes_only_the_scales(arch):
     layers = [m for m in tuned.modules() if isinstance(m, LittleBitLinear)]
     assert layers and all(layer.is_packed and not layer.is_trainable for layer in layers)
     assert not any(p.requires_grad for layer in layers for p in layer.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_end_to_end_phase_with_latents_flips_signs_and_resumes(arch, tmp_path):
+    """``calibration_e2e_latents`` lets the phase move the ±1 factors too: some signs flip, the KL falls, the layers
+    come back packed and frozen, and a finished block-wise pass resumes into it (the option is an end-to-end
+    setting, outside the pass's fingerprint) giving the uninterrupted run's model. Whether it fits better than the
+    scales alone is a matter of data and steps (BENCHMARKS.md), not a property of a tiny random model."""
+    tokens = calib_tokens()
+    # latents restart at ±0.5 from the packed signs; the forward changes only once one crosses zero, so the rate
+    # (relative to their RMS) must add up to more than one over the steps: 20 × 0.2 × ~1/2 (cosine)
+    base = dict(calibration_steps=10, calibration_lr=0.2, calibration_e2e_steps=20, calibration_e2e_lr=5e-2)
+    scales_only = hf_littlebit.quantize(make_tiny_model(arch), cfg(**base), calibration=tokens, progress=False,
+                                        work_dir=tmp_path / "w")
+    with_latents = hf_littlebit.quantize(make_tiny_model(arch), cfg(**base, calibration_e2e_latents=True),
+                                         calibration=tokens, progress=False)
+    a, b = scales_only.hf_quantizer.reconstruction.end_to_end, with_latents.hf_quantizer.reconstruction.end_to_end
+    assert a.kl_before == pytest.approx(b.kl_before)  # the same block-wise pass
+    assert a.kl_after < a.kl_before and b.kl_after < b.kl_before
+    sa, sb = scales_only.state_dict(), with_latents.state_dict()
+    bits = [k for k in sa if k.endswith("_bits")]
+    assert bits and any(not torch.equal(sa[k], sb[k]) for k in bits)
+    layers = [m for m in with_latents.modules() if isinstance(m, LittleBitLinear)]
+    assert layers and all(layer.is_packed and not layer.is_trainable for layer in layers)
+    assert not any(p.requires_grad for layer in layers for p in layer.parameters())
+
+    resumed = hf_littlebit.quantize(make_tiny_model(arch), cfg(**base, calibration_e2e_latents=True),
+                                    calibration=tokens, progress=False, work_dir=tmp_path / "w", resume=True)
+    assert resumed.hf_quantizer.reconstruction.resumed_from == 2
+    assert_same_state(with_latents, resumed)
+
+
+def test_end_to_end_latents_flag_is_validated():
+    with pytest.raises(ValueError, match="calibration_e2e_latents must be True or False"):
+        LittleBitConfig(bpw=1.0, calibration_e2e_latents="yes")

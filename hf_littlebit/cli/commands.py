@@ -143,7 +143,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
     flags = {"method": "method", "dbf_iterations": "dbf_iterations", "calib_samples": "calibration_samples",
              "calib_seqlen": "calibration_seqlen", "calib_batch_size": "calibration_batch_size",
              "steps": "calibration_steps", "e2e_steps": "calibration_e2e_steps",
-             "fisher": "calibration_fisher", "mitigation_steps": "calibration_mitigation_steps"}
+             "fisher": "calibration_fisher", "mitigation_steps": "calibration_mitigation_steps",
+             "e2e_latents": "calibration_e2e_latents"}
     explicit = {name: getattr(args, flag) for flag, name in flags.items() if getattr(args, flag) is not None}
 
     def make_config(fields: dict[str, Any], allocation: str) -> LittleBitConfig:
@@ -215,7 +216,8 @@ def cmd_quantize(args: argparse.Namespace) -> dict[str, Any]:
                           block_loss_after=sum(b.loss_after for b in blocks) / len(blocks))
         e2e = model.hf_quantizer.reconstruction.end_to_end
         if e2e is not None:
-            result.update(e2e_steps=e2e.steps, e2e_kl_before=e2e.kl_before, e2e_kl_after=e2e.kl_after)
+            result.update(e2e_steps=e2e.steps, e2e_latents=config.calibration_e2e_latents, e2e_kl_before=e2e.kl_before,
+                          e2e_kl_after=e2e.kl_after)
     result["seconds_quantize"] = time.perf_counter() - t
     save_dtype = args.save_dtype or ("bfloat16" if args.dtype == "float32" else args.dtype)
     if save_dtype != args.dtype:  # what is measured below is what is saved

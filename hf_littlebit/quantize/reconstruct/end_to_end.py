@@ -2,8 +2,9 @@
 the next-token distributions, the teacher computed from the fp model's last-block activations carried by the pass.
 
 A block fit sees only its own output error; this phase sees what the errors of all blocks do together to the
-prediction. The ±1 factors stay fixed (the calibration set is too small to choose signs end to end); so do the codes
-of a group-quantized embedding, whose per-group scales and zeros are tuned like the layers' scale vectors.
+prediction. The ±1 factors stay fixed by default (a small calibration set is fitted, not generalised from, when the
+signs are chosen end to end; ``calibration_e2e_latents`` tunes them too); so do the codes of a group-quantized
+embedding, whose per-group scales and zeros are tuned like the layers' scale vectors.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ def tune_end_to_end(
     """Tune the scales of ``layers`` (packed on entry and on return) so the model's next-token distribution on
     ``tokens`` matches the teacher's, given the fp model's outputs of ``last_block`` for each batch of
     ``len(tokens) // len(teacher_hidden)`` sequences. Adam with per-tensor relative learning rates, cosine schedule;
-    the ±1 factors stay fixed (the calibration set is too small to choose signs end to end without overfitting).
+    the ±1 factors stay fixed unless ``opts.e2e_latents`` (then the latents are tuned at the block fits' ``opts.lr``).
 
     ``teacher_head`` (name, fp weight, fp bias): the model's head is packed (``whole_model``); the teacher's rows go
     through this fp head instead, while the packed head (and embedding, when among ``layers``) are tuned.
@@ -113,7 +114,7 @@ def tune_end_to_end(
             layer.make_trainable_(estimator=opts.estimator, alpha=opts.alpha)
             for prefix in layer.path_prefixes:
                 for name in ("u_latent", "v_latent"):
-                    getattr(layer, prefix + name).requires_grad_(False)
+                    getattr(layer, prefix + name).requires_grad_(opts.e2e_latents)
         for embedding in embeddings:
             embedding.tune_scales_()
         for p in norms:

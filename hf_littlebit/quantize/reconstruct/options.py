@@ -77,6 +77,7 @@ class ReconstructionOptions:
     max_activation_gib: float = 4.0
     e2e_steps: int = 0
     e2e_lr: float = 1e-2
+    e2e_latents: bool = False
     fisher: bool = False
     fisher_shrinkage: float = 0.4
     mitigation_steps: int = 0
@@ -95,6 +96,7 @@ class ReconstructionOptions:
             loss=config.calibration_loss, targets=config.calibration_targets, estimator=config.sign_estimator,
             alpha=config.smoothsign_alpha, max_activation_gib=config.calibration_offload_gib,
             e2e_steps=config.calibration_e2e_steps, e2e_lr=config.calibration_e2e_lr,
+            e2e_latents=config.calibration_e2e_latents,
             fisher=config.calibration_fisher, fisher_shrinkage=config.calibration_fisher_shrinkage,
             mitigation_steps=config.calibration_mitigation_steps, mitigation_lr=config.calibration_mitigation_lr,
         )

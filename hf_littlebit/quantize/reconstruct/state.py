@@ -29,9 +29,9 @@ def fingerprint(model: nn.Module, config: LittleBitConfig, tokens: torch.Tensor,
     h = hashlib.sha256()
     cfg = {k: v for k, v in config.to_dict().items()
            if k not in ("calibration", "calibrated_with", "calibration_e2e_steps", "calibration_e2e_lr",
-                        "dense_save_dtype")}
+                        "calibration_e2e_latents", "dense_save_dtype")}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    passes = {k: v for k, v in vars(opts).items() if k not in ("e2e_steps", "e2e_lr")}
+    passes = {k: v for k, v in vars(opts).items() if k not in ("e2e_steps", "e2e_lr", "e2e_latents")}
     h.update(json.dumps({**passes, "tracks_fp": opts.tracks_fp}, sort_keys=True).encode())
     h.update(type(model).__name__.encode())
     h.update(tokens.numpy().tobytes())
