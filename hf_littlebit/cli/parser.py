@@ -100,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--e2e-steps", type=int, default=None,
                    help="steps of the end-to-end phase after the block-wise pass (scales tuned on the fp model's "
                         f"next-token distribution; 0 skips it; recipes: {_per_recipe('calibration_e2e_steps')})")
+    latents_on = [r.name for r in RECIPES if r.fields.get("calibration_e2e_latents")]
     q.add_argument("--e2e-latents", action=argparse.BooleanOptionalAction, default=None,
                    help="let the end-to-end phase tune the ±1 factors too (their latents, at the block fits' learning "
-                        f"rate), not only the scales; recipes: {_per_recipe('calibration_e2e_latents')}")
+                        "rate), not only the scales; " + (f"on in {', '.join(latents_on)}" if latents_on
+                                                          else "off in every recipe"))
     q.add_argument("--work-dir", help="folder for per-block checkpoints of a calibrated run (default: <out>.work)")
     q.add_argument("--resume", action="store_true", help="continue an interrupted calibrated run from --work-dir")
     eval_args(q)
