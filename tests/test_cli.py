@@ -176,7 +176,8 @@ def test_budget_picks_a_recipe_and_flags_override_it(capsys, tiny_with_tokenizer
     assert recipe_for_budget(10_000, 134_515_008).name == longest.name
     # a higher rate costs more per step (larger rank): at 1.0 bpw 90 minutes no longer fit the recipe timed at 0.55
     assert 90 < longest.minutes_for(134_515_008, 1.0) and longest.minutes <= 90  # max was timed at 0.55 in 90 min
-    assert recipe_for_budget(90, 134_515_008, bpw=1.0).name == "long"
+    assert recipe_for_budget(90, 134_515_008, bpw=1.0).name == "max-1bit"  # timed at 1.0 bpw
+    assert recipe_for_budget(70, 134_515_008, bpw=1.0).name == "long"
     assert recipe_for_budget(90, 134_515_008, bpw=0.55).name == longest.name
     # every recipe states how many sequences a step holds: 1,024 tokens per step, as they were measured
     assert all(r.fields["calibration_batch_size"] * r.fields["calibration_seqlen"] == 1024 for r in RECIPES)

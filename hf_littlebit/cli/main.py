@@ -2,7 +2,7 @@
 
     littlebit quantize [MODEL] --bpw 0.55 [--method M] [--allocation uniform|auto] [--[no-]residual] [--out DIR]
                        [--eval] [--max-tokens N] [--json]
-                       [--calibrate | --no-calibrate] [--recipe demo|standard|long|max | --budget-minutes M]
+                       [--calibrate | --no-calibrate] [--recipe demo|standard|long|max|max-1bit | --budget-minutes M]
                        [--calib-samples N] [--calib-seqlen L] [--calib-batch-size B] [--steps S]
                        [--mitigation-steps N] [--[no-]fisher] [--e2e-steps N] [--[no-]e2e-latents]
                        [--whole-model [--embedding-bits B] [--embedding-group-size G]]
