@@ -122,8 +122,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             cached in the compute dtype since they stay fixed).
         calibration_e2e_lr: Adam learning rate of that phase, relative to each tensor's RMS.
         calibration_e2e_latents: also tune the layers' latent factors in that phase (their signs may flip, the
-            gradient through ``sign_estimator``), at ``calibration_lr`` as in the block fits. Off by default: with a
-            small calibration set the signs fit it rather than the text; each step also costs the latents' gradient.
+            gradient through ``sign_estimator``), at ``calibration_lr`` as in the block fits. Off by default and in
+            every recipe: at their rates almost no sign crosses zero (the latents restart at ±0.5 from the packed
+            signs), while each step costs ~1.3× and the latents' Adam state (BENCHMARKS.md).
         calibration_offload_gib: a block's calibration activations larger than this are kept on disk (in the work
             folder, else a temporary folder) instead of in memory.
         sign_estimator: gradient of the sign during calibration and training: ``"ste"`` (clipped identity) or

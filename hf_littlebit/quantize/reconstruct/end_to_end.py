@@ -2,9 +2,9 @@
 the next-token distributions, the teacher computed from the fp model's last-block activations carried by the pass.
 
 A block fit sees only its own output error; this phase sees what the errors of all blocks do together to the
-prediction. The ±1 factors stay fixed by default (a small calibration set is fitted, not generalised from, when the
-signs are chosen end to end; ``calibration_e2e_latents`` tunes them too); so do the codes of a group-quantized
-embedding, whose per-group scales and zeros are tuned like the layers' scale vectors.
+prediction. The ±1 factors stay fixed by default (``calibration_e2e_latents`` tunes them too; at the recipes' rates
+almost none flips, see BENCHMARKS.md); so do the codes of a group-quantized embedding, whose per-group scales and
+zeros are tuned like the layers' scale vectors.
 """
 
 from __future__ import annotations
