@@ -119,7 +119,7 @@ class LittleBitConfig(QuantizationConfigMixin):
             fits each see only their own output; this phase repairs the error that compounds across blocks.
             Each step is a forward and backward pass of the whole model on one calibration batch, and the phase
             holds every layer in trainable mode (fp32 latent factors, 32× their packed size, plus their ±1 signs
-            cached in the compute dtype since they stay fixed).
+            cached in the compute dtype since they stay fixed unless ``calibration_e2e_latents``).
         calibration_e2e_lr: Adam learning rate of that phase, relative to each tensor's RMS.
         calibration_e2e_latents: also tune the layers' latent factors in that phase (their signs may flip, the
             gradient through ``sign_estimator``), at ``calibration_lr`` as in the block fits. Off by default and in
@@ -345,13 +345,9 @@ class LittleBitConfig(QuantizationConfigMixin):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"LittleBitConfig: {name} must be a positive number, got {value!r}")
-        for name in ("calibration_tune_norms", "calibration_e2e_latents"):
+        for name in ("calibration_tune_norms", "calibration_e2e_latents", "calibration_fisher"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LittleBitConfig: {name} must be True or False, got {getattr(self, name)!r}")
-        if not isinstance(self.calibration_fisher, bool):
-            raise ValueError(
-                f"LittleBitConfig: calibration_fisher must be True or False, got {self.calibration_fisher!r}"
-            )
         if not isinstance(self.calibration_fisher_shrinkage, int | float) or isinstance(
                 self.calibration_fisher_shrinkage, bool) or not 0 <= self.calibration_fisher_shrinkage <= 1:
             raise ValueError("LittleBitConfig: calibration_fisher_shrinkage must be a number in [0, 1], got "

@@ -27,11 +27,11 @@ def fingerprint(model: nn.Module, config: LittleBitConfig, tokens: torch.Tensor,
     resumed with other end-to-end settings (only whether the fp activations are tracked matters), and so is the dtype
     the checkpoint will be saved in."""
     h = hashlib.sha256()
-    cfg = {k: v for k, v in config.to_dict().items()
-           if k not in ("calibration", "calibrated_with", "calibration_e2e_steps", "calibration_e2e_lr",
-                        "calibration_e2e_latents", "dense_save_dtype")}
+    end_to_end = ("e2e_steps", "e2e_lr", "e2e_latents")  # options, each a ``calibration_`` field of the config
+    left_out = ("calibration", "calibrated_with", "dense_save_dtype", *(f"calibration_{n}" for n in end_to_end))
+    cfg = {k: v for k, v in config.to_dict().items() if k not in left_out}
     h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    passes = {k: v for k, v in vars(opts).items() if k not in ("e2e_steps", "e2e_lr", "e2e_latents")}
+    passes = {k: v for k, v in vars(opts).items() if k not in end_to_end}
     h.update(json.dumps({**passes, "tracks_fp": opts.tracks_fp}, sort_keys=True).encode())
     h.update(type(model).__name__.encode())
     h.update(tokens.numpy().tobytes())
